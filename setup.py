@@ -1,0 +1,36 @@
+"""Installs vbon_ds: Variational Best-of-N alignment on DeepSpeed."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vbon_ds",
+    version="0.1.0",
+    description="Variational Best-of-N alignment of language models with DeepSpeed ZeRO-3",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vbon_ds", "vbon_ds.*"]),
+    package_data={"vbon_ds": ["resources/*", "resources/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is installed first by launch/setup_env.sh (pinned CPU build on CPU machines).
+        "torch>=2.3",
+        "deepspeed>=0.15",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "accelerate>=0.34",
+        "sentencepiece",
+        "tensorboard",
+        "tqdm",
+        "pyyaml",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton"],
+        "demo": ["gguf", "vaderSentiment"],
+    },
+    entry_points={"console_scripts": ["vbon=vbon_ds.cli:main"]},
+)

@@ -1,0 +1,76 @@
+"""The `vbon` command line: help, one-line errors with exit code 2, config printing."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vbon_ds.cli import main
+
+SUBCOMMANDS = ["train", "refcache", "evaluate", "bon", "demo", "toy", "config"]
+
+
+def run_vbon(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "vbon_ds", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_every_subcommand():
+    result = run_vbon("--help")
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: vbon " + name in capsys.readouterr().out
+
+
+def test_unknown_subcommand_is_one_line_exit_2():
+    result = run_vbon("trian")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "invalid choice: 'trian'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_one_line_exit_2(tmp_path):
+    result = run_vbon("train", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"vbon: error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_bad_override_is_one_line_exit_2():
+    result = run_vbon("config", "--config", "launch/tldr_vbon.yaml", "--set", "vbon.n=0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "vbon: error: vbon.n: 0 is out of range (allowed: [2, inf])"
+
+
+def test_config_prints_the_resolved_config(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  lr: 1e-5\n")
+    assert main(["config", "--config", str(path), "--set", "vbon.n=4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 1e-5 and printed["vbon"]["n"] == 4
+
+
+def test_config_reference_is_markdown(capsys):
+    assert main(["config", "--reference"]) == 0
+    assert "| `train.lr` | float | `3e-06` |" in capsys.readouterr().out
+
+
+def test_recipes_in_launch_load():
+    from pathlib import Path
+
+    from vbon_ds.config import load_config
+
+    recipes = sorted(Path("launch").glob("*.yaml"))
+    assert recipes, "launch/ should hold experiment recipes"
+    for recipe in recipes:
+        load_config(recipe)

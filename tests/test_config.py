@@ -1,0 +1,157 @@
+"""Config: defaults, YAML round trip, --set overrides with type conversion, and every validation message."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from vbon_ds.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_reference,
+    dump_config,
+    field_docs,
+    load_config,
+)
+
+
+def write_yaml(tmp_path, data, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_defaults_without_file():
+    cfg = load_config()
+    assert cfg == ExperimentConfig()
+    assert cfg.vbon.n == 8 and cfg.algo.name == "ppo"
+
+
+def test_yaml_values_are_converted_to_field_types(tmp_path):
+    # PyYAML reads 3e-6 as a string (YAML 1.1): the loader must still give a float.
+    path = write_yaml(tmp_path, "train:\n  lr: 3e-6\n  steps: 7\nvbon:\n  n: 16\n  objective: vbon_exact\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == pytest.approx(3e-6) and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and cfg.vbon.n == 16 and cfg.vbon.objective == "vbon_exact"
+
+
+def test_dump_then_load_round_trips(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "model.actor=some/model",
+            "train.lr=1e-5",
+            "reward.missing_eos_score=-1",
+            "train.adam_betas=0.8,0.9",
+        ],
+    )
+    again = load_config(write_yaml(tmp_path, dump_config(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, section, key, expected",
+    [
+        ("train.lr=1e-5", "train", "lr", 1e-5),
+        ("train.steps=12", "train", "steps", 12),
+        ("model.gradient_checkpointing=true", "model", "gradient_checkpointing", True),
+        ("logging.tensorboard=off", "logging", "tensorboard", False),
+        ("model.actor=EleutherAI/pythia-160m", "model", "actor", "EleutherAI/pythia-160m"),
+        ("model.actor=123", "model", "actor", "123"),
+        ("vbon.beta=0.05", "vbon", "beta", 0.05),
+        ("reward.missing_eos_score=null", "reward", "missing_eos_score", None),
+        ("reward.missing_eos_score=-2.5", "reward", "missing_eos_score", -2.5),
+        ("generation.eval_temperatures=[0.5, 1.0]", "generation", "eval_temperatures", [0.5, 1.0]),
+        ("generation.eval_temperatures=0.25,1", "generation", "eval_temperatures", [0.25, 1.0]),
+        ("train.output_dir=/tmp/a=b", "train", "output_dir", "/tmp/a=b"),
+    ],
+)
+def test_set_overrides_convert_types(override, section, key, expected):
+    cfg = load_config(None, [override])
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+def test_overrides_apply_after_the_file(tmp_path):
+    path = write_yaml(tmp_path, {"train": {"lr": 1e-4, "steps": 5}})
+    cfg = load_config(path, ["train.lr=2e-4"])
+    assert cfg.train.lr == 2e-4 and cfg.train.steps == 5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["vbon.n=1"], "vbon.n: 1 is out of range (allowed: [2, inf])"),
+        (["train.lr=0"], "train.lr: 0.0 is out of range (allowed: (0.0, inf])"),
+        (["train.lr=-1e-5"], "train.lr: -1e-05 is out of range (allowed: (0.0, inf])"),
+        (["train.lr=fast"], "train.lr: expected float, got 'fast'"),
+        (["train.lr=nan"], "train.lr: nan is not a finite number"),
+        (["generation.temperature=0"], "generation.temperature: 0.0 is out of range (allowed: (0.0, inf])"),
+        (["generation.top_p=1.5"], "generation.top_p: 1.5 is out of range (allowed: (0.0, 1.0])"),
+        (["algo.gamma=2"], "algo.gamma: 2.0 is out of range (allowed: [0.0, 1.0])"),
+        (["train.steps=2.5"], "train.steps: expected int, got '2.5'"),
+        (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing: expected bool, got 'maybe'"),
+        (["algo.name=sac"], "algo.name: 'sac' is not allowed (allowed: ppo, rloo)"),
+        (["vbon.objective=bond"], "vbon.objective: 'bond' is not allowed (allowed: vbon, vbon_exact, kl_rl)"),
+        (
+            ["model.dtype=fp8"],
+            "model.dtype: 'fp8' is not allowed (allowed: auto, float32, bfloat16, float16)",
+        ),
+        (["train.lrr=1e-5"], "train.lrr: unknown key; did you mean 'lr'?"),
+        (["trian.lr=1e-5"], "trian: unknown key; did you mean 'train'?"),
+        (["model.zzz=1"], "model.zzz: unknown key (known keys: actor, reference,"),
+        (["train=3"], "train: expected a mapping of TrainConfig fields, got '3'"),
+        (["train.lr"], "--set 'train.lr': expected KEY=VALUE"),
+        (["vbon.objective=kl_rl"], "vbon.beta: the kl_rl objective needs an explicit KL coefficient"),
+        (["algo.name=rloo"], "algo.samples_per_prompt: RLOO needs at least 2 samples per prompt, got 1"),
+        (
+            ["generation.min_new_tokens=60", "generation.max_new_tokens=50"],
+            "generation.min_new_tokens: 60 exceeds generation.max_new_tokens=50",
+        ),
+        (["train.adam_betas=0.9"], "train.adam_betas: expected two numbers in [0, 1), got [0.9]"),
+        (
+            ["generation.eval_temperatures=[0.7, 0]"],
+            "generation.eval_temperatures: expected positive temperatures",
+        ),
+        (
+            ["train.resume=/no/such/ckpt"],
+            "train.resume: '/no/such/ckpt' is neither auto, none nor an existing",
+        ),
+    ],
+)
+def test_validation_messages_name_field_value_and_allowed(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write_yaml(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections at the top level"):
+        load_config(write_yaml(tmp_path, "- a\n- b\n"))
+    with pytest.raises(
+        ConfigError, match=r"model\.trust_remote_cod: unknown key; did you mean 'trust_remote_code'"
+    ):
+        load_config(write_yaml(tmp_path, {"model": {"trust_remote_cod": True}}))
+
+
+def test_every_field_has_a_one_line_docstring():
+    sections = [
+        ExperimentConfig,
+        *(type(getattr(ExperimentConfig(), f.name)) for f in dataclasses.fields(ExperimentConfig)),
+    ]
+    for cls in sections:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in docs, f"{cls.__name__}.{f.name} has no docstring"
+            assert docs[f.name] and "\n" not in docs[f.name]
+
+
+def test_config_reference_lists_every_field():
+    text = config_reference()
+    for section in dataclasses.fields(ExperimentConfig):
+        for f in dataclasses.fields(type(getattr(ExperimentConfig(), section.name))):
+            assert f"`{section.name}.{f.name}`" in text
+    assert "One of: vbon, vbon_exact, kl_rl." in text

@@ -1,0 +1,129 @@
+"""Batch-size arithmetic and the filling of DeepSpeed JSON templates from the experiment config."""
+
+import json
+
+import pytest
+
+from vbon_ds.batching import batch_sizes
+from vbon_ds.config import ConfigError, load_config
+from vbon_ds.engines.ds_config import DS_CONFIG_DIR, fill_ds_config, load_ds_template
+
+
+def test_batch_sizes_arithmetic():
+    cfg = load_config(
+        None,
+        [
+            "train.prompts_per_step=16",
+            "algo.name=rloo",
+            "algo.samples_per_prompt=4",
+            "algo.num_minibatches=2",
+            "train.micro_batch_size=4",
+        ],
+    )
+    sizes = batch_sizes(cfg, world_size=2)
+    assert sizes.rollout_samples == 64
+    assert sizes.minibatch_samples == 32
+    assert sizes.prompts_per_rank == 8
+    # 32 answers per minibatch over 2 ranks = 16 each = 4 micro-batches of 4.
+    assert sizes.gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["train.prompts_per_step=3"], 2, "train.prompts_per_step: 3 is not divisible by the world size 2"),
+        (
+            ["train.prompts_per_step=6", "algo.num_minibatches=4"],
+            1,
+            "algo.num_minibatches: 4 does not divide the 6",
+        ),
+        (
+            ["train.prompts_per_step=6", "train.micro_batch_size=4"],
+            1,
+            "train.micro_batch_size: each rank gets 6/1 answers per minibatch",
+        ),
+    ],
+)
+def test_batch_sizes_errors_name_the_field(overrides, world, message):
+    with pytest.raises(ConfigError) as err:
+        batch_sizes(load_config(None, overrides), world)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_templates_fill_completely_on_cpu(name):
+    cfg = load_config(None, ["train.lr=2e-5", "train.max_grad_norm=0.5", "train.weight_decay=0.01"])
+    ds = fill_ds_config(load_ds_template(name), cfg, batch_sizes(cfg, 2), on_gpu=False, hidden_size=64)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16
+    assert ds["gradient_clipping"] == 0.5
+    params = ds["optimizer"]["params"]
+    assert params["lr"] == 2e-5 and params["weight_decay"] == 0.01 and params["betas"] == [0.9, 0.95]
+    assert params["torch_adam"] is True  # no JIT-compiled CPU Adam on CPU
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+def test_gpu_uses_bf16_and_fused_adam():
+    cfg = load_config()
+    ds = fill_ds_config(load_ds_template("zero3"), cfg, batch_sizes(cfg, 1), on_gpu=True, bf16_supported=True)
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["torch_adam"] is False
+    ds16 = fill_ds_config(
+        load_ds_template("zero3"), cfg, batch_sizes(cfg, 1), on_gpu=True, bf16_supported=False
+    )
+    assert ds16["bf16"]["enabled"] is False and ds16["fp16"]["enabled"] is False  # fp32, not silent fp16
+    forced = fill_ds_config(
+        load_ds_template("zero3"),
+        load_config(None, ["model.dtype=float16"]),
+        batch_sizes(cfg, 1),
+        on_gpu=True,
+    )
+    assert forced["fp16"]["enabled"] is True
+
+
+def test_frozen_engine_config_has_no_optimizer_and_can_offload():
+    cfg = load_config(None, ["deepspeed.reference_offload=true"])
+    ds = fill_ds_config(
+        load_ds_template("zero3_offload"), cfg, batch_sizes(cfg, 1), on_gpu=False, trainable=False
+    )
+    assert "optimizer" not in ds
+    assert "offload_optimizer" not in ds["zero_optimization"]
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_explicit_values_in_the_json_are_kept(tmp_path):
+    template = load_ds_template("zero3")
+    template["gradient_clipping"] = 7.0
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(template))
+    cfg = load_config(None, [f"deepspeed.config={path}"])
+    ds = fill_ds_config(load_ds_template(cfg.deepspeed.config), cfg, batch_sizes(cfg, 1), on_gpu=False)
+    assert ds["gradient_clipping"] == 7.0
+
+
+def test_template_errors(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"deepspeed\.config: 'zero9' is neither a file nor a known config "
+        r"\(zero2, zero3, zero3_offload\)",
+    ):
+        load_ds_template("zero9")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load_ds_template(str(bad))
+    template = {"train_micro_batch_size_per_gpu": "auto", "mystery": {"knob": "auto"}}
+    cfg = load_config()
+    with pytest.raises(ConfigError, match=r"no value to fill for mystery\.knob"):
+        fill_ds_config(template, cfg, batch_sizes(cfg, 1), on_gpu=False)
+
+
+def test_packaged_templates_are_the_repo_files():
+    assert sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")) == [
+        "zero2.json",
+        "zero3.json",
+        "zero3_offload.json",
+    ]

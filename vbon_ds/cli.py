@@ -1,0 +1,116 @@
+"""The `vbon` command: one subcommand per pipeline. Errors a user can fix print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from vbon_ds.config import dump_config, load_config
+from vbon_ds.errors import VbonError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), still exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="experiment YAML (see launch/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field, e.g. --set train.lr=1e-5 (repeatable)",
+    )
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    if args.reference:
+        from vbon_ds.config import config_reference
+
+        print(config_reference())
+        return
+    if args.config is None:
+        raise VbonError("vbon config: give --config FILE (or --reference for the field list)")
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+
+
+def _cmd_toy(args: argparse.Namespace) -> None:
+    from vbon_ds.toy import format_toy_table, run_toy
+
+    print(format_toy_table(run_toy(ns=args.n, seed=args.seed, sampled=args.sampled)))
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from vbon_ds.pipelines.demo import run_demo
+
+    run_demo(preset=args.preset, output_dir=args.output_dir)
+
+
+def _pipeline(name: str) -> Callable[[argparse.Namespace], None]:
+    """A subcommand that loads the config and hands it to vbon_ds.pipelines.<name>.run."""
+
+    def command(args: argparse.Namespace) -> None:
+        import importlib
+
+        cfg = load_config(args.config, args.overrides)
+        importlib.import_module(f"vbon_ds.pipelines.{name}").run(cfg)
+
+    return command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vbon", description="Variational Best-of-N alignment with DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    for name, help_text in (
+        ("train", "train a policy with vBoN (or the KL-RL baseline) on DeepSpeed engines"),
+        ("refcache", "sample M reference answers per prompt, score them, cache sorted rewards"),
+        ("evaluate", "compare policy, reference and BoN(N): reward, KL, win rate, temperatures"),
+        ("bon", "Best-of-N sampling baseline from the reference cache"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+        p.set_defaults(func=_pipeline(name))
+
+    demo = sub.add_parser("demo", help="the whole pipeline on embedded defaults, no network needed")
+    demo.add_argument(
+        "--preset", choices=["tiny", "smollm2"], default="smollm2", help="model and reward preset"
+    )
+    demo.add_argument("--output-dir", default="runs/demo", help="where the run writes its outputs")
+    demo.set_defaults(func=_cmd_demo)
+
+    toy = sub.add_parser("toy", help="exactly solvable toy world: vBoN vs KL-RL vs BoN-SFT vs BoN")
+    toy.add_argument("--n", type=int, nargs="+", default=[2, 4, 8, 16], help="values of N for the table")
+    toy.add_argument("--seed", type=int, default=0, help="random seed")
+    toy.add_argument(
+        "--sampled", action="store_true", help="train with sampled policy gradients, not exact ones"
+    )
+    toy.set_defaults(func=_cmd_toy)
+
+    config = sub.add_parser("config", help="print the resolved config (defaults + file + --set overrides)")
+    config.add_argument("--config", metavar="FILE", help="experiment YAML")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument(
+        "--reference", action="store_true", help="print every field with its meaning (markdown)"
+    )
+    config.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except VbonError as err:
+        print(f"vbon: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vbon: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,118 @@
+"""DeepSpeed JSON configs: locate a template in ds_configs/ and fill its "auto" values from the experiment.
+
+Pure dict work (no deepspeed import), in the spirit of Hugging Face's HfTrainerDeepSpeedConfig: the JSON
+keeps the engine knobs, the experiment config owns batch sizes, learning rate and precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from vbon_ds.batching import BatchSizes
+from vbon_ds.config import ConfigError, ExperimentConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "ds_configs"
+
+
+def load_ds_template(name_or_path: str) -> dict[str, Any]:
+    """Read a DeepSpeed JSON by name in ds_configs/ (zero2, zero3, zero3_offload) or by file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+        raise ConfigError(
+            f"deepspeed.config: {name_or_path!r} is neither a file nor a known config ({known})"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+
+
+def _fill(node: dict[str, Any], key: str, value: Any) -> None:
+    """Replace node[key] when it is "auto"; leave explicit values from the JSON alone."""
+    if node.get(key) == "auto":
+        node[key] = value
+
+
+def precision(cfg: ExperimentConfig, on_gpu: bool, bf16_supported: bool) -> str:
+    """The dtype engines run in: config's model.dtype, or bfloat16 on a capable GPU, else float32."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if on_gpu and bf16_supported else "float32"
+
+
+def fill_ds_config(
+    template: dict[str, Any],
+    cfg: ExperimentConfig,
+    sizes: BatchSizes,
+    *,
+    on_gpu: bool,
+    bf16_supported: bool = False,
+    lr: float | None = None,
+    hidden_size: int | None = None,
+    trainable: bool = True,
+) -> dict[str, Any]:
+    """A complete DeepSpeed config for one engine: every "auto" resolved, nothing else changed.
+
+    `trainable=False` gives the inference-only variant for the frozen reference and reward models
+    (no optimizer, and parameter offload to CPU when deepspeed.reference_offload is set).
+    """
+    ds = copy.deepcopy(template)
+    _fill(ds, "train_micro_batch_size_per_gpu", sizes.micro_batch_per_rank)
+    _fill(ds, "gradient_accumulation_steps", sizes.gradient_accumulation_steps)
+    _fill(
+        ds,
+        "train_batch_size",
+        sizes.micro_batch_per_rank * sizes.gradient_accumulation_steps * sizes.world_size,
+    )
+    _fill(ds, "gradient_clipping", cfg.train.max_grad_norm)
+
+    dtype = precision(cfg, on_gpu, bf16_supported)
+    for section, wanted in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if section in ds:
+            _fill(ds[section], "enabled", dtype == wanted)
+
+    zero = ds.get("zero_optimization", {})
+    if hidden_size is not None:
+        _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
+        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        _fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+    else:
+        for key, default in (
+            ("reduce_bucket_size", int(5e8)),
+            ("stage3_prefetch_bucket_size", int(5e7)),
+            ("stage3_param_persistence_threshold", int(1e5)),
+        ):
+            _fill(zero, key, default)
+
+    if trainable:
+        params = ds.get("optimizer", {}).get("params", {})
+        _fill(params, "lr", cfg.train.lr if lr is None else lr)
+        _fill(params, "betas", list(cfg.train.adam_betas))
+        _fill(params, "weight_decay", cfg.train.weight_decay)
+        # DeepSpeed's own CPU Adam is JIT-compiled (about a minute); torch's AdamW is as good at our sizes.
+        _fill(params, "torch_adam", not on_gpu)
+    else:
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+        zero.pop("offload_optimizer", None)
+        if cfg.deepspeed.reference_offload and zero.get("stage") == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+
+    unresolved = _find_auto(ds)
+    if unresolved:
+        raise ConfigError(
+            f"deepspeed.config: no value to fill for {', '.join(unresolved)} (set it in the JSON)"
+        )
+    return ds
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []

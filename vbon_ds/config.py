@@ -144,7 +144,7 @@ class GenerationConfig:
     top_k: int = bounded(0, 0)
     """Sample from the k most likely tokens; 0 disables it."""
     batch_size: int = bounded(16, 1)
-    """Prompts per generate() call (rollouts and the reference cache)."""
+    """Answers sampled per generate() call (rollouts, the reference cache and evaluation)."""
     gather_params: bool = True
     """Under ZeRO-3, gather the whole actor once per generate call (fast); off: per-layer synced gathering."""
     eval_temperatures: list[float] = field(default_factory=lambda: [0.7])

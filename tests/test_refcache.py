@@ -1,0 +1,209 @@
+"""Reference cache: round trip, multi-rank shards, crash and resume, fingerprint, validation, corruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.errors import VbonError
+from vbon_ds.refcache import (
+    SHARD_SCHEMA,
+    SUMMARY_FILE,
+    CacheSummary,
+    RefCache,
+    RefCacheWriter,
+    RefRecord,
+    done_prompt_ids,
+    fingerprint_from_config,
+    validate_cache,
+)
+
+M = 3
+FINGERPRINT = {"reference": "tiny-ref", "reward_function": "length", "temperature": 1.0, "num_ref_samples": M}
+
+
+def record(i: int) -> RefRecord:
+    """A record whose draw-order rewards are unsorted and exact in float32."""
+    rewards = [float(i), -0.5 * i, 2.25]
+    return RefRecord(
+        f"p{i}", f"prompt {i}", rewards, [[i, k] for k in range(M)], [f"answer {i}.{k}" for k in range(M)]
+    )
+
+
+def write(
+    root: Path, ids: range, *, rank: int = 0, chunk_size: int = 2, fingerprint: dict = FINGERPRINT
+) -> None:
+    with RefCacheWriter(root, fingerprint, rank=rank, chunk_size=chunk_size) as writer:
+        writer.add(record(i) for i in ids)
+
+
+def write_raw_shard(root: Path, name: str, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), root / name)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    write(tmp_path, range(5))
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == [
+        "shard-rank0-00000.parquet",
+        "shard-rank0-00001.parquet",
+        "shard-rank0-00002.parquet",
+    ]
+    cache = RefCache(tmp_path, FINGERPRINT)
+    assert (len(cache), cache.m) == (5, M) and "p4" in cache and "p5" not in cache
+    rewards = cache.rewards_for(["p4", "p1"])
+    assert rewards.dtype == torch.float32
+    assert rewards.tolist() == [[-2.0, 2.25, 4.0], [-0.5, 1.0, 2.25]]
+    assert cache.record("p3") == record(3)
+    assert [r.prompt_id for r in cache.records()] == [f"p{i}" for i in range(5)]
+    assert done_prompt_ids(tmp_path) == {f"p{i}" for i in range(5)}
+    assert validate_cache(tmp_path, [f"p{i}" for i in range(5)]) == CacheSummary(5, M, 3)
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == {
+        "num_prompts": 5,
+        "num_ref_samples": M,
+        "num_shards": 3,
+    }
+
+
+def test_best_and_worst_of_first_n() -> None:
+    rec = RefRecord("p", "x", [1.0, 3.0, 0.0, 3.0], [[]] * 4, [""] * 4)
+    assert (rec.best_of(1), rec.best_of(2), rec.best_of(4)) == (0, 1, 1)
+    assert (rec.worst_of(2), rec.worst_of(4)) == (0, 2)
+    with pytest.raises(ValueError, match=r"n must be in \[1, 4\]"):
+        rec.best_of(5)
+
+
+def test_missing_prompt_is_named(tmp_path: Path) -> None:
+    write(tmp_path, range(2))
+    cache = RefCache(tmp_path)
+    with pytest.raises(VbonError, match=r"1 of 2 prompts are not in the reference cache .* \(e.g. 'p9'\)"):
+        cache.rewards_for(["p0", "p9"])
+    with pytest.raises(VbonError, match="'p9'"):
+        cache.record("p9")
+    with pytest.raises(VbonError, match=r"lacks 1 prompts \(e.g. 'p9'\)"):
+        validate_cache(tmp_path, ["p0", "p9"])
+
+
+def test_ranks_write_their_own_shards_and_the_reader_merges_them(tmp_path: Path) -> None:
+    write(tmp_path, range(0, 6, 2), rank=0)
+    write(tmp_path, range(1, 6, 2), rank=1, chunk_size=5)
+    assert {p.name for p in tmp_path.glob("shard-rank1-*")} == {"shard-rank1-00000.parquet"}
+    cache = RefCache(tmp_path)
+    assert len(cache) == 6
+    assert cache.rewards_for(["p5"]).tolist() == [[-2.5, 2.25, 5.0]]
+
+
+def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    crashed = RefCacheWriter(tmp_path, FINGERPRINT, chunk_size=2)
+    crashed.add(record(i) for i in range(5))  # two shards written, p4 still buffered when the run dies
+    (tmp_path / ".shard-rank0-00002.parquet.tmp").write_bytes(b"PAR1 half a shard")
+    del crashed
+
+    done = done_prompt_ids(tmp_path)
+    assert done == {"p0", "p1", "p2", "p3"}
+    write(tmp_path, [i for i in range(10) if f"p{i}" not in done])
+
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert validate_cache(tmp_path, [f"p{i}" for i in range(10)]).num_prompts == 10
+    assert sorted(RefCache(tmp_path).records(), key=lambda r: int(r.prompt_id[1:])) == [
+        record(i) for i in range(10)
+    ]
+
+
+def test_writer_leaving_on_error_keeps_buffered_records(tmp_path: Path) -> None:
+    bad = RefRecord("nan-prompt", "x", [0.0, float("nan"), 1.0], [[1]] * M, ["a"] * M)
+    with (
+        pytest.raises(VbonError, match=r"prompt 'nan-prompt': non-finite reward nan"),
+        RefCacheWriter(tmp_path, FINGERPRINT, chunk_size=10) as writer,
+    ):
+        writer.add([record(0), bad])
+    assert done_prompt_ids(tmp_path) == {"p0"}
+
+
+def test_duplicate_prompt_keeps_the_first_shard_and_warns(tmp_path: Path) -> None:
+    write(tmp_path, range(2), rank=0)
+    with RefCacheWriter(tmp_path, FINGERPRINT, rank=1) as writer:
+        writer.add([RefRecord("p1", "prompt 1", [9.0] * M, [[0]] * M, ["dup"] * M)])
+    with pytest.warns(
+        UserWarning, match=r"'p1' is in shard-rank0-00000.parquet and shard-rank1-00000.parquet"
+    ):
+        cache = RefCache(tmp_path)
+    assert len(cache) == 2 and cache.record("p1") == record(1)
+    with pytest.warns(UserWarning, match="'p1'"):
+        assert validate_cache(tmp_path).num_prompts == 2
+
+
+def test_fingerprint_mismatch_names_the_key(tmp_path: Path) -> None:
+    write(tmp_path, range(1))
+    changed = {**FINGERPRINT, "temperature": 0.7, "top_k": 5}
+    pattern = (
+        r"temperature: cached 1\.0, now 0\.7; top_k: cached '<absent>', now 5\); use another train.output_dir"
+    )
+    with pytest.raises(VbonError, match=pattern):
+        RefCacheWriter(tmp_path, changed)
+    with pytest.raises(VbonError, match=r"num_ref_samples: cached 3, now 4"):
+        RefCache(tmp_path, {**FINGERPRINT, "num_ref_samples": 4})
+    RefCacheWriter(tmp_path, {**FINGERPRINT, "temperature": 1})  # 1 == 1.0: the same setting
+
+
+def test_no_cache_yet(tmp_path: Path) -> None:
+    assert done_prompt_ids(tmp_path / "absent") == set()
+    with pytest.raises(VbonError, match=r"no reference cache in .*; run `vbon refcache` first"):
+        RefCache(tmp_path)
+
+
+def test_corrupt_shard_is_named(tmp_path: Path) -> None:
+    write(tmp_path, range(4))
+    shard = tmp_path / "shard-rank0-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-20])  # truncated, as by a full disk
+    for read in (validate_cache, RefCache, done_prompt_ids):
+        with pytest.raises(VbonError, match=r"shard .*shard-rank0-00001\.parquet is unreadable"):
+            read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "sorted_rewards", "message"),
+    [
+        ([0.0, float("inf"), 1.0], [0.0, 1.0, float("inf")], r"'bad': non-finite reward inf"),
+        ([0.0, 1.0], [0.0, 1.0], r"'bad': 2 rewards, expected M = 3"),
+        ([2.0, 0.0, 1.0], [2.0, 0.0, 1.0], r"'bad': sorted_rewards is not the ascending sort"),
+    ],
+)
+def test_validation_names_the_bad_prompt(
+    tmp_path: Path, rewards: list, sorted_rewards: list, message: str
+) -> None:
+    write(tmp_path, range(2))
+    n = len(rewards)
+    row = {"prompt_id": "bad", "prompt": "x", "rewards": rewards, "sorted_rewards": sorted_rewards}
+    write_raw_shard(
+        tmp_path, "shard-rank3-00000.parquet", [{**row, "token_ids": [[1]] * n, "texts": ["a"] * n}]
+    )
+    with pytest.raises(VbonError, match=r"shard .*shard-rank3-00000\.parquet: prompt " + message):
+        validate_cache(tmp_path)
+
+
+def test_reader_rejects_a_wrong_reward_count(tmp_path: Path) -> None:
+    write(tmp_path, range(1))
+    row = {"prompt_id": "short", "prompt": "x", "rewards": [1.0], "sorted_rewards": [1.0]}
+    write_raw_shard(tmp_path, "shard-rank1-00000.parquet", [{**row, "token_ids": [[1]], "texts": ["a"]}])
+    with pytest.raises(VbonError, match=r"prompt 'short' has 1 rewards, expected M = 3"):
+        RefCache(tmp_path)
+
+
+def test_fingerprint_from_config() -> None:
+    cfg = ExperimentConfig()
+    cfg.model.actor, cfg.reward.function, cfg.vbon.num_ref_samples = "sshleifer/tiny-gpt2", "vader", 16
+    fp = fingerprint_from_config(cfg)
+    assert (fp["reference"], fp["tokenizer"], fp["reward_function"], fp["num_ref_samples"]) == (
+        "sshleifer/tiny-gpt2",
+        "sshleifer/tiny-gpt2",
+        "vader",
+        16,
+    )
+    cfg.generation.temperature = 1.0
+    assert fingerprint_from_config(cfg)["temperature"] != fp["temperature"]

@@ -1,0 +1,392 @@
+"""On-disk cache of reference samples: per prompt, M answers drawn from pi_ref and their rewards.
+
+Layout of `<output_dir>/refcache/`:
+  fingerprint.json                what the samples depend on (models, generation, M, format version)
+  shard-rank{r}-{k:05d}.parquet   a chunk of prompts written by rank r; it appears only once complete
+  summary.json                    written by `validate_cache`: prompts, M and shards at the last check
+
+Each record keeps the answers and their rewards in draw order (BoN sampling takes the best of the first N
+draws; BoN-SFT the best of N; BoNBoN/DPO the best and the worst of N) and the rewards sorted ascending, the
+rank statistics behind log F_hat. This module only stores and reads: the refcache pipeline samples and
+scores, partitions prompts across ranks, and skips `done_prompt_ids` on a resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.errors import VbonError
+
+FORMAT_VERSION = 1
+FINGERPRINT_FILE = "fingerprint.json"
+SUMMARY_FILE = "summary.json"
+SHARD_GLOB = "shard-rank*-*.parquet"
+SHARD_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("rewards", pa.list_(pa.float32())),  # draw order, aligned with token_ids and texts
+        ("sorted_rewards", pa.list_(pa.float32())),
+        ("token_ids", pa.list_(pa.list_(pa.int32()))),
+        ("texts", pa.list_(pa.string())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class RefRecord:
+    """The M reference answers to one prompt, in draw order."""
+
+    prompt_id: str
+    prompt: str
+    rewards: list[float]
+    """Reward of each answer."""
+    token_ids: list[list[int]]
+    """Response token ids of each answer (without the prompt)."""
+    texts: list[str]
+    """Decoded response of each answer."""
+
+    def best_of(self, n: int) -> int:
+        """Index of the highest-reward answer among the first `n` draws."""
+        # Draws are i.i.d., so taking the earliest among tied answers is a uniform tie-break in distribution.
+        return max(self._first(n), key=lambda i: (self.rewards[i], -i))
+
+    def worst_of(self, n: int) -> int:
+        """Index of the lowest-reward answer among the first `n` draws."""
+        return min(self._first(n), key=lambda i: (self.rewards[i], i))
+
+    def _first(self, n: int) -> range:
+        if not 1 <= n <= len(self.rewards):
+            raise ValueError(f"n must be in [1, {len(self.rewards)}], got {n}")
+        return range(n)
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What `validate_cache` found."""
+
+    num_prompts: int
+    num_ref_samples: int
+    num_shards: int
+
+
+def fingerprint_from_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings the cached samples and rewards depend on; changing any of them invalidates the cache."""
+    model, gen, reward = cfg.model, cfg.generation, cfg.reward
+    return {
+        "reference": model.reference or model.actor,
+        "gguf_file": model.gguf_file,
+        "tokenizer": model.tokenizer or model.actor,
+        "reward_model": reward.model,
+        "reward_function": reward.function,
+        "missing_eos_score": reward.missing_eos_score,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "max_new_tokens": gen.max_new_tokens,
+        "min_new_tokens": gen.min_new_tokens,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "top_k": gen.top_k,
+        "num_ref_samples": cfg.vbon.num_ref_samples,
+    }
+
+
+class RefCacheWriter:
+    """Writes one rank's records, `chunk_size` prompts per parquet shard.
+
+    A shard is written under a hidden temporary name and renamed when complete, so a crash leaves only whole
+    shards behind. Used as a context manager, leaving it (also through an error) writes what is buffered.
+    `fingerprint` must hold `num_ref_samples` (M); see `fingerprint_from_config`.
+    """
+
+    def __init__(
+        self, root: str | Path, fingerprint: Mapping[str, Any], *, rank: int = 0, chunk_size: int = 64
+    ):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.root, self.rank, self.chunk_size = Path(root), rank, chunk_size
+        self.root.mkdir(parents=True, exist_ok=True)
+        stored = _stored_fingerprint(fingerprint)
+        self.m: int = stored["num_ref_samples"]
+        if (self.root / FINGERPRINT_FILE).exists():
+            _check_fingerprint(self.root, stored)
+        else:
+            _write_json(self.root / FINGERPRINT_FILE, stored)  # ranks racing here write identical content
+        # A crashed run of this rank may have left a partial shard; other ranks' files are not ours to touch.
+        for partial in self.root.glob(f".shard-rank{rank}-*.tmp"):
+            partial.unlink()
+        taken = [int(p.stem.rsplit("-", 1)[1]) for p in self.root.glob(f"shard-rank{rank}-*.parquet")]
+        self._next_shard = max(taken, default=-1) + 1
+        self._buffer: list[RefRecord] = []
+
+    def add(self, records: Iterable[RefRecord]) -> None:
+        """Buffer complete records, writing a shard whenever `chunk_size` are waiting."""
+        for record in records:
+            problem = _record_problem(
+                record.rewards, sorted(record.rewards), record.token_ids, record.texts, self.m
+            )
+            if problem:
+                raise VbonError(f"reference answers for prompt {record.prompt_id!r}: {problem}")
+            self._buffer.append(record)
+            if len(self._buffer) >= self.chunk_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered records as one shard (nothing if the buffer is empty)."""
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(
+            [{**asdict(r), "sorted_rewards": sorted(r.rewards)} for r in self._buffer], schema=SHARD_SCHEMA
+        )
+        path = self.root / f"shard-rank{self.rank}-{self._next_shard:05d}.parquet"
+        partial = self.root / f".{path.name}.tmp"
+        with partial.open("wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        self._next_shard += 1
+        self._buffer = []
+
+    def close(self) -> None:
+        """Write what is buffered."""
+        self.flush()
+
+    def __enter__(self) -> RefCacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def done_prompt_ids(root: str | Path) -> set[str]:
+    """Ids of the prompts already in complete shards (empty when there is no cache yet).
+
+    Partition the full prompt list across ranks first and then drop the done ids, so the assignment does
+    not depend on when each rank looks.
+    """
+    return {
+        pid
+        for path in _shard_paths(Path(root))
+        for pid in _read_shard(path, ["prompt_id"])["prompt_id"].to_pylist()
+    }
+
+
+class RefCache:
+    """Read side: every prompt's sorted reference rewards in memory; answers read from their shard on demand.
+
+    If a prompt id is in more than one shard (two runs wrote into one cache at once), the first shard in
+    name order wins and a warning names both: either record is a valid draw from pi_ref.
+    """
+
+    def __init__(self, root: str | Path, fingerprint: Mapping[str, Any] | None = None):
+        self.root = Path(root)
+        stored = _load_fingerprint(self.root)
+        if fingerprint is not None:
+            _check_fingerprint(self.root, _stored_fingerprint(fingerprint))
+        self.m: int = stored["num_ref_samples"]
+        self._index: dict[str, int] = {}
+        self._location: list[tuple[Path, int]] = []
+        blocks = []
+        for path, table, rows in _unique_rows(self.root, ["prompt_id", "sorted_rewards"]):
+            blocks.append(_reward_matrix(path, table, self.m)[rows])
+            for row in rows:
+                self._index[table["prompt_id"][row].as_py()] = len(self._location)
+                self._location.append((path, row))
+        self._rewards = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.empty(0, self.m)
+        self._open_shard: tuple[Path, pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return prompt_id in self._index
+
+    def rewards_for(self, prompt_ids: Sequence[str]) -> torch.Tensor:
+        """Sorted reference rewards, float32 [len(prompt_ids), M], one row per prompt (for log F_hat)."""
+        self._require(prompt_ids)
+        return self._rewards[[self._index[pid] for pid in prompt_ids]]
+
+    def record(self, prompt_id: str) -> RefRecord:
+        """The cached answers and rewards of one prompt, in draw order."""
+        self._require([prompt_id])
+        path, row = self._location[self._index[prompt_id]]
+        # Keep the last shard open: iterating prompts in cache order then reads each shard once.
+        if self._open_shard is None or self._open_shard[0] != path:
+            self._open_shard = (path, _read_shard(path, SHARD_SCHEMA.names))
+        values = self._open_shard[1].slice(row, 1).to_pylist()[0]
+        del values["sorted_rewards"]
+        return RefRecord(**values)
+
+    def records(self) -> Iterator[RefRecord]:
+        """Every cached record, shard by shard."""
+        return (self.record(pid) for pid in self._index)
+
+    def _require(self, prompt_ids: Sequence[str]) -> None:
+        missing = [pid for pid in prompt_ids if pid not in self._index]
+        if missing:
+            raise VbonError(
+                f"{len(missing)} of {len(prompt_ids)} prompts are not in the reference cache {self.root} "
+                f"(e.g. {missing[0]!r}); run `vbon refcache` with this config to complete it"
+            )
+
+
+def validate_cache(root: str | Path, expected_ids: Iterable[str] | None = None) -> CacheSummary:
+    """Check every record (M finite rewards, sorted copy consistent, M answers) and that `expected_ids` are
+    all present; write `summary.json` and return the summary, or raise a VbonError naming shard and prompt."""
+    root = Path(root)
+    m = _load_fingerprint(root)["num_ref_samples"]
+    found: set[str] = set()
+    shards = 0
+    for path, table, rows in _unique_rows(root, SHARD_SCHEMA.names):
+        shards += 1
+        columns = table.to_pydict()
+        for row in rows:
+            pid = columns["prompt_id"][row]
+            problem = _record_problem(
+                columns["rewards"][row],
+                columns["sorted_rewards"][row],
+                columns["token_ids"][row],
+                columns["texts"][row],
+                m,
+            )
+            if problem:
+                raise VbonError(
+                    f"reference cache shard {path}: prompt {pid!r}: {problem}; delete the shard and rerun "
+                    "`vbon refcache` to regenerate its prompts"
+                )
+            found.add(pid)
+    missing = [pid for pid in expected_ids or () if pid not in found]
+    if missing:
+        raise VbonError(
+            f"the reference cache {root} lacks {len(missing)} prompts (e.g. {missing[0]!r}); "
+            "rerun `vbon refcache` to complete it"
+        )
+    summary = CacheSummary(num_prompts=len(found), num_ref_samples=m, num_shards=shards)
+    _write_json(root / SUMMARY_FILE, asdict(summary))
+    return summary
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _record_problem(
+    rewards: Sequence[float | None],
+    sorted_rewards: Sequence[float | None],
+    token_ids: Sequence[Any],
+    texts: Sequence[Any],
+    m: int,
+) -> str | None:
+    """What is wrong with one record, or None."""
+    if len(rewards) != m:
+        return f"{len(rewards)} rewards, expected M = {m} (vbon.num_ref_samples)"
+    if len(token_ids) != m or len(texts) != m:
+        return f"{len(token_ids)} token id lists and {len(texts)} texts for {m} rewards"
+    bad = [r for r in rewards if r is None or not math.isfinite(r)]
+    if bad:
+        return f"non-finite reward {bad[0]} (check the reward model)"
+    if list(sorted_rewards) != sorted(rewards):  # type: ignore[type-var]
+        return "sorted_rewards is not the ascending sort of rewards"
+    return None
+
+
+def _stored_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint as it is written to disk: JSON values (tuples become lists) plus the format version."""
+    if not isinstance(fingerprint.get("num_ref_samples"), int):
+        raise ValueError("the reference cache fingerprint needs an int 'num_ref_samples' (M)")
+    return json.loads(json.dumps({"format_version": FORMAT_VERSION, **fingerprint}))
+
+
+def _load_fingerprint(root: Path) -> dict[str, Any]:
+    path = root / FINGERPRINT_FILE
+    if not path.is_file():
+        raise VbonError(
+            f"no reference cache in {root} ({FINGERPRINT_FILE} is missing); run `vbon refcache` first"
+        )
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if stored.get("format_version") != FORMAT_VERSION:
+        raise VbonError(
+            f"the reference cache in {root} has format version {stored.get('format_version')}, this vbon_ds "
+            f"reads version {FORMAT_VERSION}; delete {root} to rebuild it"
+        )
+    return stored
+
+
+def _check_fingerprint(root: Path, expected: dict[str, Any]) -> None:
+    stored = _load_fingerprint(root)
+    absent = "<absent>"
+    differing = [
+        f"{key}: cached {stored.get(key, absent)!r}, now {expected.get(key, absent)!r}"
+        for key in sorted(stored.keys() | expected.keys())
+        if stored.get(key, absent) != expected.get(key, absent)
+    ]
+    if differing:
+        raise VbonError(
+            f"the reference cache in {root} was made with other settings ({'; '.join(differing)}); "
+            f"use another train.output_dir, or delete {root} to rebuild it"
+        )
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _shard_paths(root: Path) -> list[Path]:
+    return sorted(root.glob(SHARD_GLOB))
+
+
+def _read_shard(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise VbonError(
+            f"reference cache shard {path} is unreadable ({err}); delete it and rerun `vbon refcache` "
+            "to regenerate its prompts"
+        ) from None
+
+
+def _unique_rows(root: Path, columns: list[str]) -> Iterator[tuple[Path, pa.Table, list[int]]]:
+    """Each shard with the rows whose prompt id no earlier shard had; a repeated id is warned about."""
+    first_seen: dict[str, Path] = {}
+    for path in _shard_paths(root):
+        table = _read_shard(path, columns)
+        rows = []
+        for row, pid in enumerate(table["prompt_id"].to_pylist()):
+            if pid in first_seen:
+                warnings.warn(
+                    f"reference cache: prompt {pid!r} is in {first_seen[pid].name} and {path.name}; "
+                    "keeping the first",
+                    stacklevel=3,
+                )
+                continue
+            first_seen[pid] = path
+            rows.append(row)
+        yield path, table, rows
+
+
+def _reward_matrix(path: Path, table: pa.Table, m: int) -> np.ndarray:
+    """The shard's sorted rewards as float32 [rows, M]."""
+    column = table["sorted_rewards"].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy()
+    if (lengths != m).any():
+        pid = table["prompt_id"][int(np.argmax(lengths != m))].as_py()
+        raise VbonError(
+            f"reference cache shard {path}: prompt {pid!r} has {lengths[lengths != m][0]} rewards, expected "
+            f"M = {m}; run `vbon refcache` to validate and repair the cache"
+        )
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, m)

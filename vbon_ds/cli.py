@@ -17,8 +17,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE", help="experiment YAML (see launch/)")
+def _add_set_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -27,6 +26,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one config field, e.g. --set train.lr=1e-5 (repeatable)",
     )
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="experiment YAML (see launch/)")
+    _add_set_arg(parser)
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -49,7 +53,7 @@ def _cmd_toy(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from vbon_ds.pipelines.demo import run_demo
 
-    run_demo(preset=args.preset, output_dir=args.output_dir)
+    run_demo(preset=args.preset, output_dir=args.output_dir, extra=args.overrides)
 
 
 def _pipeline(name: str) -> Callable[[argparse.Namespace], None]:
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", choices=["tiny", "smollm2"], default="smollm2", help="model and reward preset"
     )
     demo.add_argument("--output-dir", default="runs/demo", help="where the run writes its outputs")
+    _add_set_arg(demo)
     demo.set_defaults(func=_cmd_demo)
 
     toy = sub.add_parser("toy", help="exactly solvable toy world: vBoN vs KL-RL vs BoN-SFT vs BoN")
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the resolved config (defaults + file + --set overrides)")
     config.add_argument("--config", metavar="FILE", help="experiment YAML")
-    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(config)
     config.add_argument(
         "--reference", action="store_true", help="print every field with its meaning (markdown)"
     )

@@ -1,0 +1,188 @@
+"""Each loss against a hand-computed case or a plain reference loop; padding must change nothing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vbon_ds.losses import (
+    dpo_loss,
+    gae,
+    ipo_loss,
+    kl_penalty,
+    last_token_mask,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    ppo_policy_loss,
+    rloo_advantages,
+    sft_nll,
+    shape_rewards,
+    value_loss,
+)
+
+NAN = math.nan
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # second response is one token shorter
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_masked_reductions_ignore_garbage_padding():
+    x = _t([[1.0, 2.0, 3.0], [4.0, 6.0, NAN]])
+    assert masked_sum(x, MASK).item() == 16.0
+    assert masked_mean(x, MASK).item() == 16.0 / 5
+    torch.testing.assert_close(masked_mean(x, MASK, dim=1), _t([2.0, 5.0]))
+    assert masked_mean(x, torch.zeros_like(MASK)).item() == 0.0
+
+
+def test_masked_whiten_hand_case():
+    x = _t([[1.0, 2.0, 3.0], [2.0, 2.0, math.inf]])
+    # valid values 1, 2, 3, 2, 2: mean 2, population variance 2/5
+    std = math.sqrt(0.4)
+    want = _t([[-1 / std, 0.0, 1 / std], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(masked_whiten(x, MASK, eps=0.0), want)
+    torch.testing.assert_close(masked_whiten(x, MASK, shift_mean=False, eps=0.0), (want + 2) * MASK)
+
+
+def test_kl_penalty_hand_values_and_unbiasedness():
+    logp, ref = _t([math.log(0.5)]), _t([math.log(0.25)])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))
+    # k1 and k3 are unbiased: their expectation under pi is KL(pi || ref) exactly.
+    pi, q = _t([0.1, 0.6, 0.3]), _t([0.3, 0.3, 0.4])
+    kl = (pi * (pi / q).log()).sum()
+    for kind in ("k1", "k3"):
+        torch.testing.assert_close((pi * kl_penalty(pi.log(), q.log(), kind)).sum(), kl)
+    with pytest.raises(ValueError, match="kind must be"):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_last_token_mask_and_shape_rewards_hand_case():
+    torch.testing.assert_close(
+        last_token_mask(MASK), torch.tensor([[False, False, True], [False, True, False]])
+    )
+    kl = _t([[0.1, 0.2, 0.3], [0.4, 0.5, NAN]])
+    got = shape_rewards(_t([1.0, 2.0]), kl, MASK, beta=0.5)
+    torch.testing.assert_close(got, _t([[-0.05, -0.1, 1.0 - 0.15], [-0.2, 2.0 - 0.25, 0.0]]))
+    per_row = shape_rewards(_t([1.0, 2.0]), kl, MASK, beta=_t([[0.5], [1.0]]))
+    torch.testing.assert_close(per_row[1], _t([-0.4, 2.0 - 0.5, 0.0]))
+    with pytest.raises(ValueError, match="no valid token"):
+        shape_rewards(_t([1.0, 2.0]), kl, _t([[1, 1, 1], [0, 0, 0]]), beta=0.5)
+    with pytest.raises(ValueError, match="need scores"):
+        shape_rewards(_t([1.0]), kl, MASK, beta=0.5)
+
+
+def _gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """Textbook GAE for one unpadded episode; the value after the last step is 0."""
+    advantages, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        running = rewards[t] + gamma * next_value - values[t] + gamma * lam * running
+        advantages[t] = running
+    return advantages
+
+
+def test_gae_matches_reference_loop_over_variable_lengths():
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 1, 4]
+    rewards = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    values = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    mask = (torch.arange(5) < torch.tensor(lengths).unsqueeze(1)).double()
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    for b, length in enumerate(lengths):
+        want = _gae_loop(rewards[b, :length].tolist(), values[b, :length].tolist(), 0.9, 0.8)
+        torch.testing.assert_close(advantages[b, :length], _t(want))
+        torch.testing.assert_close(returns[b, :length], _t(want) + values[b, :length])
+    assert (advantages[mask == 0] == 0).all() and (returns[mask == 0] == 0).all()
+    # Garbage at the padding changes nothing.
+    dirty = gae(rewards.masked_fill(mask == 0, NAN), values.masked_fill(mask == 0, 1e30), mask, 0.9, 0.8)
+    torch.testing.assert_close(dirty, (advantages, returns))
+
+
+def test_gae_with_gamma_lambda_one_and_zero_values_is_reward_to_go():
+    rewards = _t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), MASK, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, _t([[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]))
+
+
+def test_rloo_hand_case_and_baseline_excludes_the_sample():
+    scores = _t([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
+    got = rloo_advantages(scores, k=4)
+    want = _t([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4 - 0.0])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rloo_advantages(scores.reshape(2, 4), k=4), want.reshape(2, 4))
+    # Raising one score by d moves its own advantage by d and each other one by -d/(k-1), i.e. the
+    # sample's own score never enters its baseline; other prompts are untouched.
+    bumped = rloo_advantages(scores + _t([0, 0, 3.0, 0, 0, 0, 0, 0]), k=4)
+    torch.testing.assert_close(bumped - got, _t([-1.0, -1.0, 3.0, -1.0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="k must be >= 2"):
+        rloo_advantages(scores, k=1)
+    with pytest.raises(ValueError, match="scores must be"):
+        rloo_advantages(scores, k=3)
+    with pytest.raises(ValueError, match="scores must be"):
+        rloo_advantages(scores.reshape(4, 2), k=4)
+
+
+def test_ppo_policy_loss_hand_case():
+    # ratios e^0 = 1, 1.5 (clipped to 1.2 when A > 0), 0.5 (clipped to 0.8 when A < 0); one padded token.
+    old = _t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    logp = _t([[0.0, math.log(1.5), math.log(0.5)], [math.log(1.5), math.log(0.5), NAN]]).requires_grad_()
+    adv = _t([[1.0, 2.0, -1.0], [-1.0, 2.0, 5.0]])
+    loss, stats = ppo_policy_loss(logp, old, adv, MASK, clip_range=0.2)
+    # per token: max(-A r, -A clip(r)) = -1, -2.4, +0.8, +1.5, -1.0
+    assert loss.item() == pytest.approx((-1 - 2.4 + 0.8 + 1.5 - 1.0) / 5)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 5)
+    assert stats["ratio"].item() == pytest.approx((1 + 1.5 + 0.5 + 1.5 + 0.5) / 5)
+    kl3 = [0.0, 0.5 - math.log(1.5), -0.5 - math.log(0.5), 0.5 - math.log(1.5), -0.5 - math.log(0.5)]
+    assert stats["approx_kl"].item() == pytest.approx(sum(kl3) / 5)
+    loss.backward()
+    # Clipped tokens get no gradient; unclipped ones get -A r / 5; padding gets exactly 0.
+    want_grad = _t([[-1.0, 0.0, 0.0], [1.5, -1.0, 0.0]]) / 5
+    torch.testing.assert_close(logp.grad, want_grad)
+
+
+def test_ppo_policy_loss_sequence_advantages_broadcast():
+    gen = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    adv = torch.tensor([0.7, -1.3])
+    per_seq = ppo_policy_loss(logp, old, adv, MASK, 0.2)
+    per_token = ppo_policy_loss(logp, old, adv.unsqueeze(1).expand(2, 3), MASK, 0.2)
+    torch.testing.assert_close(per_seq, per_token)
+
+
+def test_value_loss_hand_case():
+    old = _t([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    values = _t([[0.5, -0.1, 0.3], [1.1, 0.0, NAN]]).requires_grad_()
+    returns = _t([[1.0, 0.0, -1.0], [3.0, 1.0, math.inf]])
+    loss, stats = value_loss(values, old, returns, MASK, clip_range=0.2)
+    # clipped values 0.2, -0.1, 0.2, 1.1, 0.8: max of the two squared errors per token
+    terms = [max(0.25, 0.64), max(0.01, 0.01), max(1.69, 1.44), max(3.61, 3.61), max(1.0, 0.04)]
+    assert loss.item() == pytest.approx(0.5 * sum(terms) / 5)
+    assert stats["vf_clip_frac"].item() == pytest.approx(1 / 5)
+    loss.backward()
+    # d/dV of 0.5 (V - R)^2 / 5 where the unclipped error wins; 0 where the clipped one wins and at padding.
+    torch.testing.assert_close(values.grad, _t([[0.0, -0.1, 1.3], [-1.9, -1.0, 0.0]]) / 5)
+
+
+def test_sft_nll_hand_case():
+    logp = _t([[-1.0, -2.0, -3.0], [-4.0, -5.0, NAN]])
+    assert sft_nll(logp, MASK).item() == pytest.approx(15 / 5)
+
+
+def test_dpo_and_ipo_hand_case():
+    chosen, rejected = _t([-1.0, -3.0]), _t([-2.0, -1.0])
+    ref_chosen, ref_rejected = _t([-1.5, -2.0]), _t([-1.5, -2.0])
+    margins = [(-1.0 + 1.5) - (-2.0 + 1.5), (-3.0 + 2.0) - (-1.0 + 2.0)]  # 1.0, -2.0
+    beta = 0.1
+    want_dpo = sum(-math.log(1 / (1 + math.exp(-beta * m))) for m in margins) / 2
+    assert dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta).item() == pytest.approx(want_dpo)
+    want_ipo = sum((m - 1 / (2 * beta)) ** 2 for m in margins) / 2
+    assert ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta).item() == pytest.approx(want_ipo)
+    # A zero margin costs log 2 per pair.
+    assert dpo_loss(chosen, chosen, chosen, chosen, beta).item() == pytest.approx(
+        -F.logsigmoid(_t(0.0)).item()
+    )

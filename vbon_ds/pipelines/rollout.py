@@ -1,0 +1,129 @@
+"""Sampling answers for a list of prompts and scoring them: shared by refcache, train and evaluate.
+
+Under ZeRO-3 `generate` and model scoring are collectives, so every rank must make the same number of
+calls: callers hand each rank the same number of prompts (`shard_evenly` pads with repeats).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vbon_ds.config import GenerationConfig
+from vbon_ds.engines import distributed
+from vbon_ds.engines.policy import PolicyEngine, Rollout
+from vbon_ds.engines.reward import RewardScorer
+
+
+def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:
+    """This rank's slice of `items` (round robin) padded with repeats to the same length on every rank.
+
+    Returns (slice, number of real items in it): the padded tail is work done only to keep collectives
+    matched, and its results are dropped.
+    """
+    mine = list(items[rank::world])
+    per_rank = -(-len(items) // world)
+    real = len(mine)
+    if not mine:
+        mine = [items[0]] if items else []
+    while len(mine) < per_rank:
+        mine.append(mine[len(mine) % real if real else 0])
+    return mine, real
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask; a long prompt loses its start, never the end next to the answer."""
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+    dev = distributed.device()
+    return enc.input_ids.to(dev), enc.attention_mask.to(dev)
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several generate calls: prompts left-padded, answers right-padded to common widths."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_len = max(p.prompt_length for p in parts)
+    response_len = max(p.responses.shape[1] for p in parts)
+    fields: dict[str, list[torch.Tensor]] = {"seq": [], "mask": [], "resp_mask": [], "logp": []}
+    for part in parts:
+        left = prompt_len - part.prompt_length
+        right = response_len - part.responses.shape[1]
+        prompt_ids = torch.nn.functional.pad(part.sequences[:, : part.prompt_length], (left, 0), value=pad_id)
+        responses = torch.nn.functional.pad(part.responses, (0, right), value=pad_id)
+        prompt_mask = torch.nn.functional.pad(
+            part.attention_mask[:, : part.prompt_length], (left, 0), value=0
+        )
+        response_mask = torch.nn.functional.pad(part.response_mask, (0, right), value=0)
+        fields["seq"].append(torch.cat([prompt_ids, responses], dim=1))
+        fields["mask"].append(torch.cat([prompt_mask, response_mask], dim=1))
+        fields["resp_mask"].append(response_mask)
+        fields["logp"].append(torch.nn.functional.pad(part.sampling_logprobs, (0, right), value=0.0))
+    return Rollout(
+        sequences=torch.cat(fields["seq"]),
+        attention_mask=torch.cat(fields["mask"]),
+        response_mask=torch.cat(fields["resp_mask"]),
+        prompt_length=prompt_len,
+        ended_with_eos=torch.cat([p.ended_with_eos for p in parts]),
+        sampling_logprobs=torch.cat(fields["logp"]),
+    )
+
+
+def response_texts(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
+    """The sampled answers as text (EOS and padding removed)."""
+    ids = rollout.responses.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+
+
+def response_token_ids(rollout: Rollout) -> list[list[int]]:
+    """Each answer's token ids up to and including its EOS (for the reference cache)."""
+    lengths = rollout.response_mask.sum(1).tolist()
+    return [row[:n] for row, n in zip(rollout.responses.cpu().tolist(), lengths, strict=True)]
+
+
+@dataclass
+class ScoredRollout:
+    """Answers to a batch of prompts, their texts and their scores (raw rewards)."""
+
+    rollout: Rollout
+    texts: list[str]
+    scores: torch.Tensor
+    """[B] float32 raw rewards (missing_eos_score applied)."""
+
+
+def sample_and_score(
+    policy: PolicyEngine,
+    scorer: RewardScorer,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    gen: GenerationConfig,
+    *,
+    max_prompt_tokens: int,
+    temperature: float | None = None,
+) -> ScoredRollout:
+    """One answer per entry of `prompts` (repeat a prompt to get several), in generate calls of
+    gen.batch_size prompts, scored by the reward model or function."""
+    parts = []
+    for start in range(0, len(prompts), gen.batch_size):
+        ids, mask = encode_prompts(tokenizer, prompts[start : start + gen.batch_size], max_prompt_tokens)
+        parts.append(
+            policy.generate(
+                ids,
+                mask,
+                temperature=gen.temperature if temperature is None else temperature,
+                top_p=gen.top_p,
+                top_k=gen.top_k,
+                max_new_tokens=gen.max_new_tokens,
+                min_new_tokens=gen.min_new_tokens,
+                gather_params=gen.gather_params,
+            )
+        )
+    rollout = concat_rollouts(parts, tokenizer.pad_token_id)
+    texts = response_texts(tokenizer, rollout)
+    scores = scorer.score(list(prompts), texts, ended_with_eos=rollout.ended_with_eos)
+    return ScoredRollout(rollout=rollout, texts=texts, scores=scores)

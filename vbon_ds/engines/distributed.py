@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from typing import Any
 
 import torch
@@ -30,6 +31,10 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
+
+    # DeepSpeed's ZeRO collectives use torch.distributed APIs that torch deprecates: one warning per call.
+    deprecated = r"`torch\.distributed\.\w+` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())

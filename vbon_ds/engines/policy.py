@@ -25,6 +25,7 @@ from transformers import GenerationConfig
 
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel, position_ids
+from vbon_ds.engines.lm_head import fusable_lm_head
 from vbon_ds.errors import VbonError
 
 
@@ -101,7 +102,8 @@ def _lm_head_returns_logprobs(
 
     The fused kernel runs inside the head's own forward, so ZeRO-3's module hooks gather its partitioned
     weight for the forward and gather it again for the backward (which runs long after this call returns);
-    a gather around the call could not cover the backward.
+    a gather around the call could not cover the backward. Memory: the whole head weight, vocab x hidden x
+    dtype bytes, on every rank while the head's forward (and later its backward) runs.
     """
     from vbon_ds.kernels import linear_token_logprobs
 
@@ -125,12 +127,10 @@ class PolicyEngine(DeepSpeedModel):
         self, ds_engine: object, hf_ds_config: object, *, trainable: bool, eos_ids: list[int], pad_id: int
     ) -> None:
         super().__init__(ds_engine, hf_ds_config, trainable=trainable)
-        biased = getattr(self.module.get_output_embeddings(), "bias", None) is not None
-        if biased or getattr(self.module.config, "final_logit_softcapping", None):
-            raise VbonError(
-                f"{type(self.module).__name__}: its logits are not hidden @ lm_head.weight.T (a head bias or "
-                "soft-capping), which the fused log-prob kernel computes"
-            )
+        try:
+            fusable_lm_head(self.module)
+        except ValueError as err:
+            raise VbonError(str(err)) from None
         self.eos_ids = eos_ids
         self.pad_id = pad_id
 

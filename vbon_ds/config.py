@@ -147,6 +147,8 @@ class GenerationConfig:
     """Answers sampled per generate() call (rollouts, the reference cache and evaluation)."""
     gather_params: bool = True
     """Under ZeRO-3, gather the whole actor once per generate call (fast); off: per-layer synced gathering."""
+    eval_samples: int = bounded(4, 1)
+    """Answers sampled per evaluation prompt at each evaluation temperature."""
     eval_temperatures: list[float] = field(default_factory=lambda: [0.7])
     """Sampling temperatures at which `vbon evaluate` reports reward and KL."""
 

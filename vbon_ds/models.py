@@ -46,11 +46,18 @@ def _source(path: str, gguf_file: str) -> dict[str, Any]:
 
 def _load(loader: Any, path: str, what: str, gguf_file: str = "", **kwargs: Any) -> Any:
     try:
-        return loader.from_pretrained(**_source(path, gguf_file), **kwargs)
+        loaded = loader.from_pretrained(**_source(path, gguf_file), **kwargs)
     except (OSError, ValueError) as err:
         # Hub/network misses and malformed checkpoints: one line naming what failed, the cause after it.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VbonError(f"cannot load {what} from {path!r}: {first_line}") from err
+    if gguf_file and isinstance(loaded, PreTrainedModel):
+        # GGUF weights arrive de-quantized in `dtype`, yet transformers keeps the model tagged as quantized
+        # and then refuses save_pretrained: drop the tag so checkpoints and the final export work as usual.
+        loaded.hf_quantizer = None
+        if hasattr(loaded.config, "quantization_config"):
+            del loaded.config.quantization_config
+    return loaded
 
 
 def load_tokenizer(

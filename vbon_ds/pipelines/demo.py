@@ -51,7 +51,7 @@ PRESETS: dict[str, list[str]] = {
         "reward.function=vader",
         "vbon.n=8",
         "vbon.num_ref_samples=32",
-        "algo.ppo_epochs=2",
+        "algo.ppo_epochs=1",
         "generation.max_new_tokens=24",
         "generation.temperature=1.0",
         "generation.batch_size=64",
@@ -59,7 +59,7 @@ PRESETS: dict[str, list[str]] = {
         "train.steps=12",
         "train.prompts_per_step=8",
         "train.micro_batch_size=8",
-        "train.lr=2e-5",
+        "train.lr=3e-5",
         "logging.sample_every=2",
     ],
 }

@@ -3,9 +3,9 @@
     reference:  the M cached answers per prompt: mean reward, KL 0, win rate 1/2 against itself
     BoN(n):     unbiased order-statistic estimates from the same cache for n = 1, 2, 4, ... <= M:
                 expected reward, win rate over a reference answer, and the KL bound log n - (n-1)/n
-    policy:     one fresh answer per prompt at each generation.eval_temperatures value: mean reward,
-                KL(pi_theta || pi_ref) estimated from its own samples (both at that temperature),
-                mean log F_hat and win rate against the cached reference answers
+    policy:     generation.eval_samples fresh answers per prompt at each generation.eval_temperatures
+                value: mean reward, KL(pi_theta || pi_ref) estimated from its own samples (both at that
+                temperature), mean log F_hat and win rate against the cached reference answers
 Writes eval/results.json, eval/results.md and eval/reward_kl.png under train.output_dir.
 """
 
@@ -77,10 +77,12 @@ def policy_rows(
     cache: RefCache,
     label: str = "policy",
 ) -> list[EvalRow]:
-    """Sample the actor once per evaluation prompt at every eval temperature and score it."""
+    """Sample the actor generation.eval_samples times per evaluation prompt at every eval temperature."""
     prompts = load_prompts(cfg.data, "eval")
+    k = cfg.generation.eval_samples
     mine, real = shard_evenly(list(range(len(prompts))), distributed.rank(), distributed.world_size())
-    texts = [prompts.texts[i] for i in mine]
+    texts = [prompts.texts[i] for i in mine for _ in range(k)]
+    real_ids = [prompts.ids[i] for i in mine[:real] for _ in range(k)]
     rows = []
     for temperature in cfg.generation.eval_temperatures:
         scored = sample_and_score(
@@ -91,11 +93,11 @@ def policy_rows(
         logp = _micro_batched(actor, r, temperature, cfg.train.micro_batch_size)
         ref_logp = _micro_batched(reference, r, temperature, cfg.train.micro_batch_size)
         kl = ((logp - ref_logp) * r.response_mask).sum(1)
-        scores = scored.scores[:real].to(torch.float64)
-        refs = cache.rewards_for([prompts.ids[i] for i in mine[:real]]).to(torch.float64)
+        scores = scored.scores[: real * k].to(torch.float64)
+        refs = cache.rewards_for(real_ids).to(torch.float64)
         local = {
             "reward": scores.tolist(),
-            "kl": kl[:real].tolist(),
+            "kl": kl[: real * k].tolist(),
             "win": win_rate_vs_reference(scores, refs).tolist(),
             "log_f": bon.log_cdf(scores, refs).tolist(),
         }

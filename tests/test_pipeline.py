@@ -87,8 +87,12 @@ def test_demo_tiny_single_process(tmp_path):
     assert {row["method"] for row in evaluation} >= {"reference", "BoN(2)", "BoN(4)", "policy"}
 
 
-def test_refcache_then_train_two_processes_zero3(tmp_path):
-    config = tiny_config_file(tmp_path, "two", "train.steps=2", "train.checkpoint_every=1")
+def test_refcache_then_ppo_train_two_processes_zero3(tmp_path):
+    # PPO with a critic (from the actor: the reward is a rule) over 2 ZeRO-3 ranks.
+    config = tiny_config_file(
+        tmp_path, "two", "train.steps=2", "train.checkpoint_every=1", "algo.name=ppo",
+        "algo.samples_per_prompt=1", "train.micro_batch_size=2", "vbon.objective=vbon_exact",
+    )  # fmt: skip
     env = {**launch_env(), "OMP_NUM_THREADS": "1"}
     for stage in ("refcache", "train"):
         cmd = [
@@ -101,11 +105,12 @@ def test_refcache_then_train_two_processes_zero3(tmp_path):
     shards = sorted(p.name for p in (out / "refcache").glob("shard-*.parquet"))
     assert any("rank0" in s for s in shards) and any("rank1" in s for s in shards)
     scalars = read_scalars(out / "tensorboard")
-    for tag in REQUIRED_TAGS:
+    for tag in [*REQUIRED_TAGS, "train/value_loss", "train/vf_clip_frac"]:
         assert len(scalars[tag]) == 2, tag
     checkpoint = out / "checkpoints" / "step_00000002"
     assert {p.name for p in checkpoint.iterdir()} >= {
         "actor",
+        "critic",
         "trainer_state.pt",
         "rng_rank0.pt",
         "rng_rank1.pt",
@@ -193,9 +198,18 @@ def test_refcache_interrupted_then_resumed_loses_and_duplicates_nothing(tmp_path
     assert len(load_prompts(cfg.data, "eval")) == 8
 
 
-def test_fingerprint_mismatch_is_a_clear_error(tmp_path):
+def test_bon_and_evaluate_from_the_cache_and_fingerprint_mismatch(tmp_path):
     config = tiny_config_file(tmp_path, "fp")
     vbon("refcache", "--config", str(config))
+    bon = vbon("bon", "--config", str(config))
+    assert "BoN(4) on 8 evaluation prompts" in bon.stdout
+    answers = [
+        json.loads(line) for line in (tmp_path / "fp" / "eval" / "bon_n4.jsonl").read_text().splitlines()
+    ]
+    assert len(answers) == 8 and all(isinstance(a["response"], str) for a in answers)
+    evaluation = vbon("evaluate", "--config", str(config))
+    assert "evaluation after 0 training steps" in evaluation.stdout and "| policy | 1 |" in evaluation.stdout
+
     result = vbon("train", "--config", str(config), "--set", "generation.temperature=0.5", check=False)
     assert result.returncode == 2
     assert "temperature: cached 1.0, now 0.5" in result.stderr

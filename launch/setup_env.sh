@@ -16,11 +16,13 @@ TORCH_PIN="${VBON_TORCH_PIN:-torch==2.13.0}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 pip_q() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# Presence checks without importing (importing torch + deepspeed alone takes several seconds).
+has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
 
 # torch first: a bare requirement would pull a multi-GB CUDA build onto a CPU machine.
-"$PY" -c "import torch" 2>/dev/null || pip_q "$TORCH_PIN"
+has torch || pip_q "$TORCH_PIN"
 # deepspeed imports torch at build time, so it cannot build in an isolated environment.
-"$PY" -c "import deepspeed" 2>/dev/null || { pip_q wheel; pip_q --no-build-isolation deepspeed; }
+has deepspeed || { pip_q wheel; pip_q --no-build-isolation deepspeed; }
 
 stamp="$VENV/.vbon_installed_$pip_extras"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then

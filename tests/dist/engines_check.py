@@ -1,6 +1,6 @@
 """Engine checks in one launch (torchrun --nproc_per_node 2, or plain python for a world of one).
 
-    python tests/dist/engines_check.py WORKDIR [DS_CONFIG]   # WORKDIR: actor/ and reward/ from tests/tiny.py
+    python tests/dist/engines_check.py WORKDIR [DS_CONFIG]   # WORKDIR: actor/ and reward/ from vbon_ds/tiny.py
 
 Each check compares the engines against plain, unsharded PyTorch / Hugging Face models loaded before any
 engine exists: training steps (loss, updated weights, LR), reference log-probs, reward scores, critic values,

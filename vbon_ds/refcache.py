@@ -104,6 +104,16 @@ def fingerprint_from_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def refcache_dir(cfg: ExperimentConfig) -> Path:
+    """Where this experiment's reference cache lives: train.output_dir/refcache."""
+    return Path(cfg.train.output_dir) / "refcache"
+
+
+def open_refcache(cfg: ExperimentConfig) -> RefCache:
+    """The experiment's cache for reading, refused when it was made under other settings."""
+    return RefCache(refcache_dir(cfg), fingerprint_from_config(cfg))
+
+
 class RefCacheWriter:
     """Writes one rank's records, `chunk_size` prompts per parquet shard.
 

@@ -14,13 +14,13 @@ from vbon_ds import bon
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.data import load_prompts
 from vbon_ds.errors import VbonError
-from vbon_ds.refcache import RefCache, fingerprint_from_config
+from vbon_ds.refcache import open_refcache
 
 
 def run(cfg: ExperimentConfig) -> Path:
     """Write the BoN(N) answers of the evaluation prompts and print their mean reward."""
     n = cfg.vbon.n
-    cache = RefCache(Path(cfg.train.output_dir) / "refcache", fingerprint_from_config(cfg))
+    cache = open_refcache(cfg)
     if n > cache.m:
         raise VbonError(
             f"vbon.n: BoN({n}) needs at least N cached answers per prompt, the cache has M={cache.m}"

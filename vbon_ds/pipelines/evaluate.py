@@ -24,8 +24,8 @@ from vbon_ds.data import load_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
-from vbon_ds.pipelines.rollout import sample_and_score, shard_evenly
-from vbon_ds.refcache import RefCache, fingerprint_from_config
+from vbon_ds.pipelines.rollout import rollout_logprobs, sample_and_score, shard_evenly
+from vbon_ds.refcache import RefCache, open_refcache
 
 
 @dataclass
@@ -90,8 +90,8 @@ def policy_rows(
             max_prompt_tokens=cfg.data.max_prompt_tokens, temperature=temperature,
         )  # fmt: skip
         r = scored.rollout
-        logp = _micro_batched(actor, r, temperature, cfg.train.micro_batch_size)
-        ref_logp = _micro_batched(reference, r, temperature, cfg.train.micro_batch_size)
+        logp = rollout_logprobs(actor, r, temperature, cfg.train.micro_batch_size)
+        ref_logp = rollout_logprobs(reference, r, temperature, cfg.train.micro_batch_size)
         kl = ((logp - ref_logp) * r.response_mask).sum(1)
         scores = scored.scores[: real * k].to(torch.float64)
         refs = cache.rewards_for(real_ids).to(torch.float64)
@@ -105,20 +105,6 @@ def policy_rows(
         mean = {key: statistics.fmean(v for g in gathered for v in g[key]) for key in local}
         rows.append(EvalRow(label, temperature, mean["reward"], mean["kl"], mean["win"], mean["log_f"]))
     return rows
-
-
-def _micro_batched(policy: PolicyEngine, rollout: object, temperature: float, size: int) -> torch.Tensor:
-    return torch.cat(
-        [
-            policy.response_logprobs(
-                rollout.sequences[i : i + size],
-                rollout.attention_mask[i : i + size],
-                rollout.prompt_length,
-                temperature,
-            )
-            for i in range(0, rollout.sequences.shape[0], size)
-        ]
-    )
 
 
 def format_table(rows: list[EvalRow]) -> str:
@@ -192,7 +178,7 @@ def evaluate(
     tokenizer: object,
 ) -> list[EvalRow]:
     """The whole table for engines that are already built (the demo reuses the trainer's)."""
-    cache = RefCache(Path(cfg.train.output_dir) / "refcache", fingerprint_from_config(cfg))
+    cache = open_refcache(cfg)
     eval_ids = load_prompts(cfg.data, "eval").ids
     rows = bon_rows(cache.rewards_for(eval_ids).double(), cfg.vbon.n)
     rows += policy_rows(cfg, reference, reference, scorer, tokenizer, cache, label="reference (fresh)")

@@ -9,8 +9,6 @@ Resumable: shards appear only when complete, and a rerun skips the prompts they 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
@@ -27,12 +25,9 @@ from vbon_ds.refcache import (
     RefRecord,
     done_prompt_ids,
     fingerprint_from_config,
+    refcache_dir,
     validate_cache,
 )
-
-
-def refcache_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.train.output_dir) / "refcache"
 
 
 def all_prompts(cfg: ExperimentConfig) -> PromptSet:

@@ -39,9 +39,9 @@ from vbon_ds.engines.policy import Rollout
 from vbon_ds.errors import VbonError
 from vbon_ds.kernels import set_backend
 from vbon_ds.monitor import Monitor
-from vbon_ds.pipelines.rollout import sample_and_score
+from vbon_ds.pipelines.rollout import in_micro_batches, rollout_logprobs, sample_and_score
 from vbon_ds.preemption import StopRequest
-from vbon_ds.refcache import RefCache, fingerprint_from_config
+from vbon_ds.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
 
 
 def objective_beta(cfg: ExperimentConfig) -> float:
@@ -67,7 +67,6 @@ class Experience:
 
     rollout: Rollout
     logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -129,15 +128,15 @@ class Trainer:
         torch.manual_seed(seed + self.rank)
 
     def _open_cache(self) -> RefCache | None:
-        root = self.out / "refcache"
-        if not (root / "fingerprint.json").exists():
+        root = refcache_dir(self.cfg)
+        if not (root / FINGERPRINT_FILE).exists():
             if self.cfg.vbon.objective == "kl_rl":
                 return None  # KL-RL needs no F; train/log_F is then not logged
             raise VbonError(
                 f"no reference cache in {root}: run `vbon refcache --config ...` with this config first "
                 f"(vbon.objective={self.cfg.vbon.objective} needs F_hat from M reference rewards per prompt)"
             )
-        return RefCache(root, fingerprint_from_config(self.cfg))
+        return open_refcache(self.cfg)
 
     def _engines(self) -> dict[str, Any]:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
@@ -206,16 +205,17 @@ class Trainer:
         reward = objective_reward(cfg, scores, ref_rewards)
 
         t0 = time.perf_counter()
-        logp, entropy = self._logprobs_in_micro_batches(self.actor, rollout, with_entropy=True)
-        ref_logp = self._logprobs_in_micro_batches(self.reference, rollout)
+        size, temperature = cfg.train.micro_batch_size, cfg.generation.temperature
+        logp, entropy = rollout_logprobs(self.actor, rollout, temperature, size, with_entropy=True)
+        ref_logp = rollout_logprobs(self.reference, rollout, temperature, size)
         mask = rollout.response_mask
         kl = losses.kl_penalty(logp, ref_logp, cfg.algo.kl_estimator) * mask
         t_logprobs = time.perf_counter() - t0
 
         values = returns = None
         if self.critic is not None:
-            values = self._in_micro_batches(
-                lambda s, m: self.critic.values(s, m, rollout.prompt_length), rollout
+            values = in_micro_batches(
+                lambda s, m: self.critic.values(s, m, rollout.prompt_length), rollout, size
             )
             token_rewards = losses.shape_rewards(reward, kl, mask, self.beta)
             advantages, returns = losses.gae(token_rewards, values, mask, cfg.algo.gamma, cfg.algo.lam)
@@ -244,25 +244,7 @@ class Trainer:
                 f"**{texts[j]}**{scored.texts[j]}  (r={scores[j]:.3f})" for j in range(min(4, len(texts)))
             ]
             self.monitor.text("samples", "\n\n".join(samples), self.step)
-        return Experience(rollout, logp, ref_logp, advantages, returns, values, stats)
-
-    def _in_micro_batches(self, fn: Any, rollout: Rollout) -> Any:
-        """Apply fn(sequences, attention_mask) per micro-batch and concatenate (tuples elementwise)."""
-        size = self.cfg.train.micro_batch_size
-        outs = [
-            fn(rollout.sequences[i : i + size], rollout.attention_mask[i : i + size])
-            for i in range(0, rollout.sequences.shape[0], size)
-        ]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-        return torch.cat(outs)
-
-    def _logprobs_in_micro_batches(self, policy: Any, rollout: Rollout, with_entropy: bool = False) -> Any:
-        temperature = self.cfg.generation.temperature
-        return self._in_micro_batches(
-            lambda s, m: policy.response_logprobs(s, m, rollout.prompt_length, temperature, with_entropy),
-            rollout,
-        )
+        return Experience(rollout, logp, advantages, returns, values, stats)
 
     def update(self, exp: Experience) -> dict[str, float]:
         """ppo_epochs x num_minibatches optimizer steps on the actor (and critic), micro-batched."""

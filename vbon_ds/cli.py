@@ -68,6 +68,20 @@ def _pipeline(name: str) -> Callable[[argparse.Namespace], None]:
     return command
 
 
+def _part(text: str) -> tuple[int, int]:
+    """`I/N` with 0 <= I < N: part I of N of the prompts (`vbon refcache --part`, one job-array task)."""
+    index, _, parts = text.partition("/")
+    if not (index.isdigit() and parts.isdigit() and int(index) < int(parts)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(index), int(parts)
+
+
+def _cmd_refcache(args: argparse.Namespace) -> None:
+    from vbon_ds.pipelines import refcache
+
+    refcache.run(load_config(args.config, args.overrides), part=args.part)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vbon", description="Variational Best-of-N alignment with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -81,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
         p.set_defaults(func=_pipeline(name))
+    refcache = sub.choices["refcache"]
+    refcache.add_argument(
+        "--part",
+        type=_part,
+        default=(0, 1),
+        metavar="I/N",
+        help="only part I of N of the prompts (a job-array task); a run without it validates the whole cache",
+    )
+    refcache.set_defaults(func=_cmd_refcache)
 
     demo = sub.add_parser("demo", help="the whole pipeline on embedded defaults, no network needed")
     demo.add_argument(

@@ -39,23 +39,36 @@ def all_prompts(cfg: ExperimentConfig) -> PromptSet:
     return PromptSet(split="all", ids=list(seen), texts=list(seen.values()))
 
 
-def run(cfg: ExperimentConfig) -> CacheSummary:
-    """Fill (or complete) the reference cache of this config and validate it."""
+def part_indices(num_prompts: int, part: tuple[int, int]) -> range:
+    """Prompt indices of part i of n: the i-th of n contiguous blocks (a Slurm job-array task's share)."""
+    index, parts = part
+    return range(index * num_prompts // parts, (index + 1) * num_prompts // parts)
+
+
+def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
+    """Fill (or complete) the reference cache of this config and validate it.
+
+    `part=(i, n)` does only part i of n of the prompts (tasks of a job array, possibly running at once);
+    a last run without it fills any gap and validates the whole cache.
+    """
     distributed.init_distributed()
-    torch.manual_seed(cfg.train.seed + 1000 * distributed.rank())
+    # Writers of concurrent parts need distinct shard names and random streams.
+    writer_id = part[0] * distributed.world_size() + distributed.rank()
+    torch.manual_seed(cfg.train.seed + 1000 * writer_id)
     root = refcache_dir(cfg)
     prompts = all_prompts(cfg)
+    share = part_indices(len(prompts.ids), part)
     m = cfg.vbon.num_ref_samples
     # The writer checks the fingerprint before anything is sampled; then every rank sees the same done set.
     writer = RefCacheWriter(
         root,
         fingerprint_from_config(cfg),
-        rank=distributed.rank(),
+        rank=writer_id,
         chunk_size=cfg.train.refcache_shard_prompts,
     )
     distributed.barrier()
     done = done_prompt_ids(root)
-    todo = [i for i, pid in enumerate(prompts.ids) if pid not in done]
+    todo = [i for i in share if prompts.ids[i] not in done]
     mine, real = shard_evenly(todo, distributed.rank(), distributed.world_size())
 
     tokenizer = load_policy_tokenizer(cfg)
@@ -109,8 +122,10 @@ def run(cfg: ExperimentConfig) -> CacheSummary:
     bar.close()
     distributed.barrier()
     # One rank validates (it writes summary.json); the others wait and read its verdict.
-    summary = validate_cache(root, expected_ids=prompts.ids) if distributed.is_main() else None
+    expected = [prompts.ids[i] for i in share]
+    summary = validate_cache(root, expected_ids=expected) if distributed.is_main() else None
     summary = distributed.broadcast_object(summary)
     if distributed.is_main():
-        print(f"refcache: {summary.num_prompts} prompts x M={summary.num_ref_samples} in {root}")
+        of_part = f" (part {part[0]}/{part[1]}: {len(share)} prompts)" if part[1] > 1 else ""
+        print(f"refcache: {summary.num_prompts} prompts x M={summary.num_ref_samples} in {root}{of_part}")
     return summary

@@ -320,6 +320,7 @@ def test_refcache_array_then_training_preempted_and_requeued(cluster):
     assert [line.split("(part ")[1] for line in parts] == ["0/2: 24 prompts)", "1/2: 24 prompts)"]
     merge = next(text for name, text in logs.items() if name.startswith("vbon-refcache-merge-"))
     assert f"refcache: 48 prompts x M=16 in {tmp / 'straight' / 'refcache'}\n" in merge
+    assert "refcache (" not in merge, "the merge job found nothing to sample: it loads no model"
     # Same model and sampling settings: the same cache serves the second run.
     shutil.copytree(tmp / "straight" / "refcache", tmp / "preempted" / "refcache")
 

@@ -9,6 +9,8 @@ Resumable: shards appear only when complete, and a rerun skips the prompts they 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm import tqdm
 
@@ -70,6 +72,8 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
     done = done_prompt_ids(root)
     todo = [i for i in share if prompts.ids[i] not in done]
     mine, real = shard_evenly(todo, distributed.rank(), distributed.world_size())
+    if not todo:  # a rerun of a complete cache, or the merge job after a job array: no model to load
+        return _validated(root, [prompts.ids[i] for i in share], part)
 
     tokenizer = load_policy_tokenizer(cfg)
     sizes = batch_sizes(cfg, distributed.world_size())
@@ -121,11 +125,15 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
             bar.update(distributed.world_size() * len(records))
     bar.close()
     distributed.barrier()
-    # One rank validates (it writes summary.json); the others wait and read its verdict.
-    expected = [prompts.ids[i] for i in share]
+    return _validated(root, [prompts.ids[i] for i in share], part)
+
+
+def _validated(root: Path, expected: list[str], part: tuple[int, int]) -> CacheSummary:
+    """Validate the cache holds `expected` and report it: one rank validates (it writes summary.json),
+    the others wait and read its verdict."""
     summary = validate_cache(root, expected_ids=expected) if distributed.is_main() else None
     summary = distributed.broadcast_object(summary)
     if distributed.is_main():
-        of_part = f" (part {part[0]}/{part[1]}: {len(share)} prompts)" if part[1] > 1 else ""
+        of_part = f" (part {part[0]}/{part[1]}: {len(expected)} prompts)" if part[1] > 1 else ""
         print(f"refcache: {summary.num_prompts} prompts x M={summary.num_ref_samples} in {root}{of_part}")
     return summary

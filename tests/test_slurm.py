@@ -203,12 +203,13 @@ class Cluster:
     def __init__(self, root: Path):
         self.root = root
         conf = root / "slurm.conf"
-        for sub in ("state", "spool"):
+        for sub in ("state", "spool", "tmp"):
             (root / sub).mkdir()
         conf.write_text(SLURM_CONF.format(dir=root, ctld_port=free_port(), slurmd_port=free_port()))
         base = {k: v for k, v in launch_env().items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
         pythonpath = os.pathsep.join(p for p in (str(REPO), base.get("PYTHONPATH", "")) if p)
         self.env = {**base, "SLURM_CONF": str(conf), "VBON_PYTHON": PY, "PYTHONPATH": pythonpath}
+        self.env["TMPDIR"] = str(root / "tmp")  # the jobs' hostfiles land here, not in /tmp
 
     def run(self, *command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         result = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=600, **kwargs)
@@ -297,10 +298,15 @@ def wait_until(predicate, what: str, timeout: float = 300) -> None:
 def restart_now(cluster: Cluster, job_id: str, restarts: int) -> None:
     """Skip the two minutes Slurm holds a requeued job back (its Reason is BeginTime meanwhile)."""
     wait_until(lambda: cluster.job(job_id).get("Restarts") == str(restarts), f"job {job_id} is requeued")
-    wait_until(lambda: cluster.job(job_id).get("Reason") == "BeginTime", f"job {job_id} waits to restart")
-    # A credential issued in the second of the requeue counts as revoked: start it in a later second.
-    time.sleep(2)
-    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    def held() -> bool:
+        return cluster.job(job_id).get("Reason") == "BeginTime"
+
+    wait_until(lambda: held() or cluster.job(job_id).get("JobState") == "RUNNING", f"job {job_id} is pending")
+    if held():
+        # A credential issued in the second of the requeue counts as revoked: start it in a later second.
+        time.sleep(2)
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
 @pytest.mark.slow
@@ -350,6 +356,8 @@ def test_refcache_array_then_training_preempted_and_requeued(cluster):
         scalars = read_scalars(out / "tensorboard")
         for tag in REQUIRED_TAGS:
             assert [step for step, _ in scalars[tag]] == list(range(1, steps + 1)), (name, tag)
+    hostfile = cluster.root / "tmp" / f"vbon-hostfile-{job}-0"
+    assert hostfile.read_text() == "localhost slots=2\n"
     a, b = final_weights(tmp / "straight"), final_weights(tmp / "preempted")
     assert a.keys() == b.keys()
     for name in a:

@@ -322,8 +322,9 @@ def test_refcache_array_then_training_preempted_and_requeued(cluster):
     out = finish(submit(cluster, straight, "--stage", "refcache", "--parts", "2", "--gpus-per-node", "1"))
     logs = {p.name: p.read_text() for p in tmp.glob("vbon-refcache-*.out")}
     assert len(logs) == 3, out
-    parts = sorted(line for text in logs.values() for line in text.splitlines() if "(part " in line)
-    assert [line.split("(part ")[1] for line in parts] == ["0/2: 24 prompts)", "1/2: 24 prompts)"]
+    lines = [line for text in logs.values() for line in text.splitlines()]
+    parts = [line.split("(part ")[1] for line in lines if "(part " in line]
+    assert sorted(parts) == ["0/2: 24 prompts)", "1/2: 24 prompts)"]
     merge = next(text for name, text in logs.items() if name.startswith("vbon-refcache-merge-"))
     assert f"refcache: 48 prompts x M=16 in {tmp / 'straight' / 'refcache'}\n" in merge
     assert "refcache (" not in merge, "the merge job found nothing to sample: it loads no model"

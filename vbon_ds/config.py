@@ -185,6 +185,8 @@ class TrainConfig:
     """Keep this many most recent checkpoints."""
     resume: str = "auto"
     """auto: continue from output_dir/checkpoints/latest if any; none: start fresh; or a checkpoint path."""
+    refcache_dir: str = ""
+    """Reference cache directory; empty means output_dir/refcache. Runs with the same models share one."""
     refcache_shard_prompts: int = bounded(64, 1)
     """Prompts per reference-cache shard: an interrupted `vbon refcache` redoes at most this many."""
     max_bad_steps: int = bounded(3, 1)

@@ -20,6 +20,7 @@ from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_critic, build_reference, build_reward, lr_factor, optimizer_steps
 from vbon_ds.engines.checkpoint import latest_checkpoint, load_checkpoint, step_dirs
 from vbon_ds.engines.distributed import free_port
+from vbon_ds.engines.plan import memory_plan
 from vbon_ds.engines.policy import finish_rollout
 from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.errors import VbonError
@@ -182,7 +183,16 @@ def _run_partial_check(tmp_path: Path, mode: str) -> dict:
     with torch.no_grad():
         logits = exported(input_ids=check["seq"], attention_mask=check["mask"]).logits
     torch.testing.assert_close(logits, check["logits"])
-    return json.loads((tmp_path / f"{mode}.json").read_text())
+    results = json.loads((tmp_path / f"{mode}.json").read_text())
+
+    # `vbon plan` predicts each rank's element counts exactly: partitions, persistent copies, optimizer.
+    sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from partial_check import overrides
+
+    plan = memory_plan(load_config(None, overrides(tmp_path, 2, mode)), world_size=2)
+    assert plan.engines[0].name == "actor"
+    assert results["elements"] == [plan.engines[0].elements] * 2
+    return results
 
 
 @pytest.mark.slow

@@ -37,12 +37,33 @@ MODES = {
 }
 
 
+def overrides(workdir: Path, world: int, mode: str) -> list[str]:
+    """The run's config: 4 sequences per step over `world` ranks, ZeRO-3, the subset of `mode`."""
+    return [
+        f"model.actor={workdir / 'actor'}",
+        "reward.function=vowel_ratio",
+        "train.prompts_per_step=4",
+        f"train.micro_batch_size={4 // world}",
+        f"train.lr={LR}",
+        f"train.warmup_steps={WARMUP}",
+        "train.lr_schedule=cosine",
+        f"train.steps={STEPS}",
+        "algo.ppo_epochs=1",
+        f"train.max_grad_norm={CLIP}",
+        "train.weight_decay=0.01",
+        "deepspeed.config=zero3",
+        "model.gradient_checkpointing=true",
+        *MODES[mode],
+    ]
+
+
 def measured_elements(actor) -> dict[str, int]:
     """This rank's elements of parameters, gradient partitions and optimizer states (fp32 master + Adam)."""
     opt = actor.ds.optimizer
     adam = [v for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
     return {
         "params": sum(p.ds_tensor.numel() for p in actor.module.parameters()),
+        "persistent": sum(p.ds_numel for p in actor.module.parameters() if p.ds_persist),
         "grads": opt.grad_partitions_flat_buffer.numel(),
         "master": sum(t.numel() for t in opt.fp32_partitioned_groups_flat),
         "adam": sum(t.numel() for t in adam),
@@ -54,25 +75,7 @@ def main(workdir: Path, mode: str) -> None:
     rank, world = distributed.rank(), distributed.world_size()
     per_rank = 4 // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    cfg = load_config(
-        None,
-        [
-            f"model.actor={workdir / 'actor'}",
-            "reward.function=vowel_ratio",
-            "train.prompts_per_step=4",
-            f"train.micro_batch_size={per_rank}",
-            f"train.lr={LR}",
-            f"train.warmup_steps={WARMUP}",
-            "train.lr_schedule=cosine",
-            f"train.steps={STEPS}",
-            "algo.ppo_epochs=1",
-            f"train.max_grad_norm={CLIP}",
-            "train.weight_decay=0.01",
-            "deepspeed.config=zero3",
-            "model.gradient_checkpointing=true",
-            *MODES[mode],
-        ],
-    )
+    cfg = load_config(None, overrides(workdir, world, mode))
     tokenizer = load_policy_tokenizer(cfg)
     results: dict[str, object] = {"world_size": world, "mode": mode}
 
@@ -133,7 +136,11 @@ def main(workdir: Path, mode: str) -> None:
         assert_close(ref_lp, want)
         assert (actor_lp - want).abs().max() > 1e-4
         assert sorted(n for n, p in actor.module.named_parameters() if p.requires_grad) == trainable
-        prompt = tokenizer(["the movie was", "a lovely day", "i did not", "summarize: the cat"][rows], return_tensors="pt", padding=True)
+        prompt = tokenizer(
+            ["the movie was", "a lovely day", "i did not", "summarize: the cat"][rows],
+            return_tensors="pt",
+            padding=True,
+        )
         rollout = reference.generate(
             prompt.input_ids, prompt.attention_mask, temperature=1.0, max_new_tokens=4, min_new_tokens=4
         )

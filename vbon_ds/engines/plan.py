@@ -156,7 +156,8 @@ class MemoryPlan:
 # ------------------------------------------------------------------ model shapes
 
 
-def _pythia_config(path: str) -> PretrainedConfig | None:
+def pythia_config(path: str) -> PretrainedConfig | None:
+    """The GPT-NeoX config of the Pythia size named in `path` (e.g. a cleanrl TL;DR id), from the table."""
     match = re.search(r"pythia-(1b|2\.8b|6\.9b)", path)
     if match is None:
         return None
@@ -172,7 +173,7 @@ def model_config(path: str, trust_remote_code: bool = False) -> tuple[Pretrained
     try:
         return load_model_config(path, trust_remote_code=trust_remote_code), "config"
     except VbonError as err:
-        fallback = _pythia_config(path)
+        fallback = pythia_config(path)
         if fallback is None:
             raise VbonError(f"vbon plan: {err} (the built-in table knows only {', '.join(PYTHIA)})") from None
         return fallback, "built-in Pythia table (hub unreachable)"

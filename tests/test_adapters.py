@@ -1,5 +1,9 @@
 """Trainable subsets in process: top-K layers on a tied-head GPT-2, LoRA merge with Conv1D weights, errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -7,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from vbon_ds.adapters import add_lora, apply_trainable_subset, lora_layers, merge_lora
 from vbon_ds.config import load_config
 from vbon_ds.errors import VbonError
+from vbon_ds.monitor import read_scalars
 from vbon_ds.tiny import make_tiny_causal_lm
 
 
@@ -61,3 +66,28 @@ def test_errors_name_the_field(gpt2):
         apply_trainable_subset(model, model_cfg("model.trainable_layers=3"), seed=0, lora=False)
     with pytest.raises(VbonError, match=r"model\.lora_target_modules: .*nope"):
         add_lora(model, model_cfg("model.lora_rank=2", "model.lora_target_modules=nope"), seed=0)
+
+
+@pytest.mark.slow
+def test_lora_through_the_whole_tiny_pipeline(tmp_path):
+    """refcache -> train (reference = adapters off) -> evaluate, then a plain merged export."""
+    out = tmp_path / "demo"
+    lora = ["model.lora_rank=4", "model.lora_alpha=8", "train.steps=2"]
+    cmd = [sys.executable, "-m", "vbon_ds", "demo", "--preset", "tiny", "--output-dir", str(out)]
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
+    }
+    proc = subprocess.run(
+        [*cmd, *(arg for s in lora for arg in ("--set", s))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| policy | 1 |" in proc.stdout and "| reference (fresh) | 1 |" in proc.stdout
+    kl = read_scalars(out / "tensorboard")["train/kl"]
+    assert kl[0][1] == pytest.approx(0.0, abs=1e-6)  # LoRA's B starts at 0: the actor is the reference
+    assert abs(kl[1][1]) > 1e-6  # after an update the adapters move the actor away from it
+    exported, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not any(info.values()) and not [n for n, _ in exported.named_parameters() if "lora" in n]

@@ -33,7 +33,6 @@ fragmentation and communication buckets come on top (hence a 10% margin against 
 from __future__ import annotations
 
 import functools
-import logging
 import re
 from dataclasses import dataclass, field
 
@@ -51,8 +50,6 @@ from vbon_ds.config import ExperimentConfig, ModelConfig
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
 from vbon_ds.errors import VbonError
 from vbon_ds.models import load_model_config
-
-log = logging.getLogger(__name__)
 
 GIB = 1024**3
 MARGIN = 0.9  # the share of the card a plan may fill

@@ -1,7 +1,7 @@
 # Two entry points a new user needs: `make demo` and `make test`. Both set up .venv first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint format
+.PHONY: setup demo test lint format gpu-check
 
 setup:
 	launch/setup_env.sh all
@@ -19,3 +19,10 @@ lint: setup
 
 format: setup
 	.venv/bin/ruff format .
+
+# On one NVIDIA GPU, under 8 minutes: kernel tests with Triton compiled, the CUDA log-prob benchmark, and a
+# Pythia-1B-shaped PPO run on ZeRO-3; writes runs/gpu_check/RESULTS_block.md for benchmarks/RESULTS.md.
+gpu-check:
+	@command -v nvidia-smi >/dev/null 2>&1 || { echo "gpu-check: no NVIDIA GPU here (nvidia-smi not found); run it on a machine with one" >&2; exit 2; }
+	$(MAKE) setup
+	$(PY) benchmarks/gpu_check.py

@@ -21,6 +21,7 @@ setup(
         "transformers>=4.46",
         "datasets>=3.0",
         "accelerate>=0.34",
+        "peft>=0.21",  # LoRA (model.lora_rank); tested with 0.21.2
         "sentencepiece",
         "tensorboard",
         "tqdm",

@@ -20,6 +20,7 @@ from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_critic, build_reference, build_reward, lr_factor, optimizer_steps
 from vbon_ds.engines.checkpoint import latest_checkpoint, load_checkpoint, step_dirs
 from vbon_ds.engines.distributed import free_port
+from vbon_ds.engines.plan import memory_plan
 from vbon_ds.engines.policy import finish_rollout
 from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.errors import VbonError
@@ -159,3 +160,59 @@ def test_zero3_engines_two_processes(tmp_path):
 def test_zero2_actor_without_launcher(tmp_path):
     results = _run_engine_checks(tmp_path, [sys.executable], "zero2")
     assert results["world_size"] == 1 and results["train_max_weight_diff"] < 1e-5
+
+
+def _run_partial_check(tmp_path: Path, mode: str) -> dict:
+    make_tiny_causal_lm(
+        tmp_path / "actor", "llama", n_layer=3
+    )  # untied lm head: it trains with the top layer
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    script = REPO / "tests" / "dist" / "partial_check.py"
+    cmd = [*torchrun, "--master_port", str(free_port()), str(script), str(tmp_path), mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    # The export is a plain HF model (LoRA merged: no adapter weights) with the trained actor's logits.
+    exported, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / f"{mode}_export", output_loading_info=True
+    )
+    assert not any(info.values()), info
+    assert not [n for n, _ in exported.named_parameters() if "lora" in n or "base_layer" in n]
+    check = torch.load(tmp_path / f"{mode}_export_check.pt")
+    with torch.no_grad():
+        logits = exported(input_ids=check["seq"], attention_mask=check["mask"]).logits
+    torch.testing.assert_close(logits, check["logits"])
+    results = json.loads((tmp_path / f"{mode}.json").read_text())
+
+    # `vbon plan` predicts each rank's element counts exactly: partitions, persistent copies, optimizer.
+    sys.path.insert(0, str(REPO / "tests" / "dist"))
+    from partial_check import overrides
+
+    plan = memory_plan(load_config(None, overrides(tmp_path, 2, mode)), world_size=2)
+    assert plan.engines[0].name == "actor"
+    assert results["elements"] == [plan.engines[0].elements] * 2
+    return results
+
+
+@pytest.mark.slow
+def test_top_layers_only_under_zero3(tmp_path):
+    results = _run_partial_check(tmp_path, "layers")
+    assert results["trainable"] == ["lm_head.weight"] + [
+        f"model.layers.2.{name}.weight"
+        for name in (
+            "input_layernorm", "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "post_attention_layernorm",
+            "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj",
+        )
+    ] + ["model.norm.weight"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_with_the_reference_from_disabled_adapters(tmp_path):
+    results = _run_partial_check(tmp_path, "lora")
+    assert results["trainable"] == [
+        f"model.layers.{i}.{module}.lora_{ab}.default.weight"
+        for i in range(3)
+        for module in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj")
+        for ab in "AB"
+    ]

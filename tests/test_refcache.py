@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vbon_ds.config import ExperimentConfig
+from vbon_ds.config import ExperimentConfig, load_config
 from vbon_ds.errors import VbonError
 from vbon_ds.refcache import (
     SHARD_SCHEMA,
@@ -21,6 +21,8 @@ from vbon_ds.refcache import (
     RefRecord,
     done_prompt_ids,
     fingerprint_from_config,
+    open_refcache,
+    refcache_dir,
     validate_cache,
 )
 
@@ -207,3 +209,21 @@ def test_fingerprint_from_config() -> None:
     )
     cfg.generation.temperature = 1.0
     assert fingerprint_from_config(cfg)["temperature"] != fp["temperature"]
+
+
+def test_runs_share_one_cache_through_train_refcache_dir(tmp_path: Path) -> None:
+    models = ["model.actor=tiny-actor", "reward.function=vowel_ratio", f"vbon.num_ref_samples={M}"]
+    vbon_run = load_config(None, [*models, f"train.output_dir={tmp_path / 'vbon'}"])
+    assert refcache_dir(vbon_run) == tmp_path / "vbon" / "refcache"  # the default: inside the run
+
+    shared = f"train.refcache_dir={tmp_path / 'shared'}"
+    vbon_run = load_config(None, [*models, f"train.output_dir={tmp_path / 'vbon'}", shared])
+    kl_rl_run = load_config(
+        None,
+        [*models, f"train.output_dir={tmp_path / 'kl'}", shared, "vbon.objective=kl_rl", "vbon.beta=0.1"],
+    )
+    with RefCacheWriter(refcache_dir(vbon_run), fingerprint_from_config(vbon_run)) as writer:
+        writer.add(record(i) for i in range(3))
+    assert not (tmp_path / "vbon" / "refcache").exists()
+    cache = open_refcache(kl_rl_run)  # the KL-RL run reads the cache the vBoN run wrote
+    assert cache.rewards_for(["p2"]).tolist() == [[-1.0, 2.0, 2.25]]

@@ -56,6 +56,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(preset=args.preset, output_dir=args.output_dir, extra=args.overrides)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from vbon_ds.engines.plan import format_plan, memory_plan
+
+    plan = memory_plan(load_config(args.config, args.overrides), args.world_size)
+    print(format_plan(plan, args.gpu_memory_gb))
+
+
 def _pipeline(name: str) -> Callable[[argparse.Namespace], None]:
     """A subcommand that loads the config and hands it to vbon_ds.pipelines.<name>.run."""
 
@@ -104,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only part I of N of the prompts (a job-array task); a run without it validates the whole cache",
     )
     refcache.set_defaults(func=_cmd_refcache)
+
+    plan = sub.add_parser(
+        "plan", help="memory per GPU of each engine at a world size (exit 2: batch sizes do not divide)"
+    )
+    _add_config_args(plan)
+    plan.add_argument(
+        "--world-size", type=_positive_int, required=True, metavar="W", help="number of GPUs (ranks)"
+    )
+    plan.add_argument(
+        "--gpu-memory-gb", type=float, default=80.0, metavar="GB", help="memory of one card, GiB (default 80)"
+    )
+    plan.set_defaults(func=_cmd_plan)
 
     demo = sub.add_parser("demo", help="the whole pipeline on embedded defaults, no network needed")
     demo.add_argument(

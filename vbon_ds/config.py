@@ -57,6 +57,14 @@ class ModelConfig:
     """Parameter dtype; auto is bfloat16 on a GPU that supports it and float32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory on the actor and critic."""
+    trainable_layers: int = bounded(0, 0)
+    """Train only the top K layers (+ final norm, untied head) of actor and critic; 0: all layers."""
+    lora_rank: int = bounded(0, 0)
+    """LoRA rank of the actor's adapters (peft; base weights frozen, reference = adapters off); 0: off."""
+    lora_alpha: float = bounded(16.0, 0.0, open_low=True)
+    """LoRA scale numerator: each adapted weight becomes W + (lora_alpha / lora_rank) * B @ A."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Modules that get LoRA adapters (e.g. query_key_value,dense); empty: peft's default for the model."""
     critic_init: str = choice("reward", "reward", "actor")
     """Trunk the PPO critic starts from: the reward model's or the actor's."""
     logprob_backend: str = choice("auto", "auto", "torch", "triton")
@@ -185,6 +193,8 @@ class TrainConfig:
     """Keep this many most recent checkpoints."""
     resume: str = "auto"
     """auto: continue from output_dir/checkpoints/latest if any; none: start fresh; or a checkpoint path."""
+    refcache_dir: str = ""
+    """Reference cache directory; empty means output_dir/refcache. Runs with the same models share one."""
     refcache_shard_prompts: int = bounded(64, 1)
     """Prompts per reference-cache shard: an interrupted `vbon refcache` redoes at most this many."""
     max_bad_steps: int = bounded(3, 1)

@@ -105,8 +105,8 @@ def fingerprint_from_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def refcache_dir(cfg: ExperimentConfig) -> Path:
-    """Where this experiment's reference cache lives: train.output_dir/refcache."""
-    return Path(cfg.train.output_dir) / "refcache"
+    """Where this experiment's reference cache lives: train.refcache_dir, else train.output_dir/refcache."""
+    return Path(cfg.train.refcache_dir or Path(cfg.train.output_dir) / "refcache")
 
 
 def open_refcache(cfg: ExperimentConfig) -> RefCache:

@@ -4,13 +4,14 @@
     sizes = batch_sizes(cfg, world_size())
     tokenizer = load_policy_tokenizer(cfg)
     actor = build_actor(cfg, sizes, tokenizer)          # PolicyEngine, trainable
-    reference = build_reference(cfg, sizes, tokenizer)  # PolicyEngine, frozen ZeRO-3
+    reference = build_reference(cfg, sizes, tokenizer, actor)  # frozen ZeRO-3 (LoRA: the actor, adapters off)
     critic = build_critic(cfg, sizes, tokenizer)        # CriticEngine (PPO only)
     reward = build_reward(cfg, sizes)                   # RewardScorer (rule function or frozen ZeRO-3 model)
 
 Trainable engines take their ZeRO stage from deepspeed.config, AdamW and gradient clipping from the filled
 DeepSpeed config, and a warmup + constant/cosine LR schedule over `optimizer_steps(cfg)` optimizer steps.
 Frozen engines are always ZeRO-3 (from the zero3 template when deepspeed.config is a lower stage).
+Trainable models train the weights model.trainable_layers / model.lora_rank choose (vbon_ds/adapters.py).
 Each model loads while its `HfDeepSpeedConfig` is alive, so under ZeRO-3 transformers initialises and loads
 it partitioned. Dropout is switched off everywhere: PPO compares log-probs of the same tokens across passes.
 """
@@ -26,11 +27,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vbon_ds.adapters import apply_trainable_subset
 from vbon_ds.batching import BatchSizes
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.engines.critic import CriticEngine, TokenValueModel
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
+from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.errors import VbonError
@@ -98,9 +101,10 @@ def _initialize(
     lr: float | None = None,
     gguf_file: str = "",
     wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
+    lora: bool = False,
 ) -> tuple[Any, Any]:
     """(DeepSpeed engine, its HfDeepSpeedConfig) for the model that `load(dtype=...)` returns from `path`,
-    optionally wrapped in another module by `wrap`."""
+    optionally wrapped in another module by `wrap`; `lora`: a trainable model may get LoRA adapters."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -115,6 +119,7 @@ def _initialize(
             module.p = 0.0
     scheduler = None
     if trainable:
+        apply_trainable_subset(model, cfg.model, cfg.train.seed, lora=lora)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         factor = functools.partial(
@@ -169,7 +174,7 @@ def _policy(
         load_causal_lm, path, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf_file
     )
     engine, hf_ds_config = _initialize(
-        cfg, sizes, path, load, trainable=trainable, lr=cfg.train.lr, gguf_file=gguf_file
+        cfg, sizes, path, load, trainable=trainable, lr=cfg.train.lr, gguf_file=gguf_file, lora=trainable
     )
     return PolicyEngine(
         engine,
@@ -186,10 +191,19 @@ def build_actor(cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedT
 
 
 def build_reference(
-    cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase
-) -> PolicyEngine:
-    """The frozen reference policy (model.reference, else the actor checkpoint); same vocabulary required."""
+    cfg: ExperimentConfig,
+    sizes: BatchSizes,
+    tokenizer: PreTrainedTokenizerBase,
+    actor: PolicyEngine | None = None,
+) -> PolicyEngine | AdapterReference:
+    """The frozen reference policy (model.reference, else the actor checkpoint); same vocabulary required.
+
+    With LoRA and the actor's checkpoint as reference, a given `actor` with its adapters off is the
+    reference: no second engine, no second copy of the weights.
+    """
     if not cfg.model.reference or cfg.model.reference == cfg.model.actor:
+        if actor is not None and cfg.model.lora_rank:
+            return AdapterReference(actor)
         return _policy(cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=False)
     check_same_vocab(
         tokenizer, load_tokenizer(cfg.model.reference, trust_remote_code=cfg.model.trust_remote_code)

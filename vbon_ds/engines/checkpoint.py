@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vbon_ds.adapters import merge_lora
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.errors import VbonError
@@ -131,6 +132,7 @@ def export_hf(actor: DeepSpeedModel, tokenizer: PreTrainedTokenizerBase, out_dir
     # ZeRO-3: full tensors in the model's dtype on rank 0 (None elsewhere), gathered one layer at a time.
     state_dict = actor.ds._zero3_consolidated_16bit_state_dict() if actor.zero3 else actor.module.state_dict()
     if distributed.is_main():
+        state_dict = merge_lora(actor.module, state_dict)  # LoRA adapters folded in: a plain HF model
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         actor.module.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)

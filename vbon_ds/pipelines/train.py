@@ -111,7 +111,7 @@ class Trainer:
         self.cache = self._open_cache()
         self.tokenizer = load_policy_tokenizer(cfg)
         self.actor = build_actor(cfg, self.sizes, self.tokenizer)
-        self.reference = build_reference(cfg, self.sizes, self.tokenizer)
+        self.reference = build_reference(cfg, self.sizes, self.tokenizer, self.actor)
         self.scorer = build_reward(cfg, self.sizes)
         self.critic = build_critic(cfg, self.sizes, self.tokenizer) if cfg.algo.name == "ppo" else None
         self.step = 0

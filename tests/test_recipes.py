@@ -1,0 +1,52 @@
+"""Every recipe in launch/ loads, passes the batch arithmetic and fits 80 GB cards (`vbon plan`) at each
+world size its `# world sizes:` comment names; the TL;DR recipes of one model size share a reference cache."""
+
+import re
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+
+from vbon_ds.batching import batch_sizes
+from vbon_ds.config import load_config
+from vbon_ds.engines.plan import format_plan, memory_plan
+from vbon_ds.refcache import fingerprint_from_config, refcache_dir
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+RECIPES = sorted(LAUNCH.glob("*.yaml"))
+
+
+def world_sizes(recipe: Path) -> list[int]:
+    found = re.search(r"^# world sizes: ([\d ]+)$", recipe.read_text(), re.MULTILINE)
+    assert found, f"{recipe.name}: no '# world sizes: ...' comment naming the GPU counts it runs on"
+    return [int(w) for w in found.group(1).split()]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub here: the Pythia shapes come from vbon plan's built-in table, at once (no retries)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_recipes_exist_for_each_pythia_size():
+    actors = {load_config(r).model.actor for r in RECIPES}
+    for size in ("1b", "2.8b", "6.9b"):
+        assert f"cleanrl/EleutherAI_pythia-{size}-deduped__sft__tldr" in actors
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_runs_and_fits_at_each_world_size(recipe, offline):
+    cfg = load_config(recipe)
+    for world in world_sizes(recipe):
+        sizes = batch_sizes(cfg, world)
+        assert sizes.gradient_accumulation_steps >= 1
+        plan = memory_plan(cfg, world)
+        assert plan.fits(80), format_plan(plan, 80)
+
+
+def test_tldr_vbon_and_kl_rl_share_the_reference_cache():
+    vbon, kl_rl = load_config(LAUNCH / "tldr_vbon.yaml"), load_config(LAUNCH / "tldr_kl_rl.yaml")
+    assert (vbon.vbon.objective, kl_rl.vbon.objective) == ("vbon", "kl_rl")
+    assert vbon.train.output_dir != kl_rl.train.output_dir
+    assert refcache_dir(vbon) == refcache_dir(kl_rl)
+    assert fingerprint_from_config(vbon) == fingerprint_from_config(kl_rl)

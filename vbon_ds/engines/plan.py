@@ -1,0 +1,393 @@
+"""`vbon plan`: memory per GPU of each engine of a training run, before renting GPUs (no DeepSpeed import).
+
+    plan = memory_plan(cfg, world_size=8)   # raises the batch-arithmetic ConfigError when W does not fit
+    print(format_plan(plan, gpu_memory_gb=80))
+
+Model shapes come from the checkpoints' configs (AutoConfig: no weights are loaded; a hub id needs the
+network) and, when the hub is unreachable, from a built-in table of the Pythia configs the TL;DR recipes use.
+Parameter counts are exact: each model is built on the meta device with the run's trainable subset
+(vbon_ds.adapters), so LoRA adapters, frozen layers and tied heads count as they will in the engines.
+
+Per engine and GPU, in the run's dtype (bfloat16 under model.dtype=auto on a GPU):
+- parameters: ZeRO-3 keeps ceil(n / W) elements of each tensor per rank, plus a whole copy of the tensors
+  under stage3_param_persistence_threshold; lower stages keep every parameter on every rank. Offloaded
+  parameters (offload_param, deepspeed.reference_offload) use no GPU memory.
+- gradients (trainable parameters): ZeRO-2/3 keep this rank's partition, ZeRO-0/1 all of them.
+- optimizer states: fp32 master copy + Adam's two moments (12 bytes an element; 8 at ZeRO-0 in fp32),
+  partitioned from ZeRO-1 on; none on the GPU with offload_optimizer.
+- activations of one micro-batch (train.micro_batch_size sequences of max_prompt_tokens + max_new_tokens):
+  34 s b h bytes per layer at 16 bits (Korthikanti et al. 2022, with SDPA attention keeping no s x s scores)
+  for each layer backward reaches (the top model.trainable_layers only when the layers below are frozen);
+  with gradient checkpointing, each such layer's input (2 s b h bytes) plus one layer recomputed. Frozen
+  engines: one layer's forward at their batch (micro-batch; reward.batch_size for the reward model).
+- generation: the KV cache of generation.batch_size sequences, and under ZeRO-3 with generation.gather_params
+  the whole actor gathered for the call.
+- gathered working set: ZeRO-3 gathers the largest layer plus a prefetch bucket during forward/backward, and
+  the fused log-prob kernel the whole lm head.
+
+The total is what stays resident (parameters, gradients, optimizer states of every engine) plus the largest
+transient need of one phase (rollout, scoring, training): an estimate, not a measurement; allocator
+fragmentation and communication buckets come on top (hence a 10% margin against the card).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPTNeoXConfig,
+    PretrainedConfig,
+)
+
+from vbon_ds.adapters import apply_trainable_subset, decoder_blocks
+from vbon_ds.batching import BatchSizes, batch_sizes
+from vbon_ds.config import ExperimentConfig, ModelConfig
+from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
+from vbon_ds.errors import VbonError
+from vbon_ds.models import load_model_config
+
+GIB = 1024**3
+MARGIN = 0.9  # the share of the card a plan may fill
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# (layers, hidden, heads, vocab, intermediate) of EleutherAI's Pythia configs (GPT-NeoX, untied head).
+PYTHIA = {
+    "pythia-1b": (16, 2048, 8, 50304, 8192),
+    "pythia-2.8b": (32, 2560, 32, 50304, 10240),
+    "pythia-6.9b": (32, 4096, 32, 50432, 16384),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of one model: every parameter tensor's size and which of them train."""
+
+    source: str
+    """Where the shape came from: the checkpoint's config, or the built-in Pythia table."""
+    layers: int
+    hidden: int
+    kv_dim: int
+    """Keys (or values) per token and layer: kv heads x head dim."""
+    numels: tuple[int, ...]
+    trainable: tuple[bool, ...]
+    largest_layer: int
+    """Elements of the largest transformer block."""
+    head: int
+    """Elements of the output layer (lm head or score head)."""
+    trained_layers: int
+    """Layers that backward runs through (all, or the top trainable_layers when the rest is frozen)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def trainable_total(self) -> int:
+        return sum(n for n, t in zip(self.numels, self.trainable, strict=True) if t)
+
+
+@dataclass
+class EngineMemory:
+    """Bytes per GPU of one engine; `elements` holds the element counts behind the resident part."""
+
+    name: str
+    shape: ModelShape
+    stage: int
+    params: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    """Training or forward working memory at the configured gradient checkpointing."""
+    activations_other: float = 0.0
+    """The same with gradient checkpointing the other way round (trainable engines)."""
+    generation: float = 0.0
+    """KV cache plus, under ZeRO-3 with gather_params, the gathered weights (actor only)."""
+    gathered: float = 0.0
+    """ZeRO-3 gathered working set during forward/backward."""
+    elements: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def resident(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+@dataclass
+class MemoryPlan:
+    world_size: int
+    sizes: BatchSizes
+    dtype: str
+    engines: list[EngineMemory]
+    notes: list[str]
+
+    @property
+    def resident(self) -> float:
+        return sum(e.resident for e in self.engines)
+
+    @property
+    def phases(self) -> dict[str, float]:
+        """Transient memory of each phase of a training step (one phase runs at a time)."""
+        by_name = {e.name: e for e in self.engines}
+        actor = by_name["actor"]
+        out = {"rollout": actor.generation}
+        if "reward" in by_name:
+            out["scoring"] = by_name["reward"].activations + by_name["reward"].gathered
+        train = [
+            e.activations + e.gathered for e in self.engines if e.name in ("actor", "critic", "reference")
+        ]
+        out["training"] = max(train)
+        return out
+
+    @property
+    def total(self) -> float:
+        return self.resident + max(self.phases.values())
+
+    def fits(self, gpu_memory_gb: float) -> bool:
+        return self.total <= MARGIN * gpu_memory_gb * GIB
+
+
+# ------------------------------------------------------------------ model shapes
+
+
+def pythia_config(path: str) -> PretrainedConfig | None:
+    """The GPT-NeoX config of the Pythia size named in `path` (e.g. a cleanrl TL;DR id), from the table."""
+    match = re.search(r"pythia-(1b|2\.8b|6\.9b)", path)
+    if match is None:
+        return None
+    layers, hidden, heads, vocab, inter = PYTHIA[f"pythia-{match.group(1)}"]
+    return GPTNeoXConfig(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, vocab_size=vocab,
+        intermediate_size=inter, rotary_pct=0.25, max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def model_config(path: str, trust_remote_code: bool = False) -> tuple[PretrainedConfig, str]:
+    """(config, where it came from): the checkpoint's config, else the Pythia table for Pythia names."""
+    try:
+        return load_model_config(path, trust_remote_code=trust_remote_code), "config"
+    except VbonError as err:
+        fallback = pythia_config(path)
+        if fallback is None:
+            raise VbonError(f"vbon plan: {err} (the built-in table knows only {', '.join(PYTHIA)})") from None
+        return fallback, "built-in Pythia table (hub unreachable)"
+
+
+@functools.lru_cache(maxsize=32)
+def _shape(
+    path: str, kind: str, trainable_layers: int, lora: tuple[int, float, tuple[str, ...]], trust: bool
+) -> ModelShape:
+    config, source = model_config(path, trust)
+    classifier = kind.endswith("classifier")
+    if classifier:
+        config.num_labels = 1
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust)
+    rank, alpha, targets = lora
+    subset = ModelConfig(
+        trainable_layers=trainable_layers, lora_rank=rank, lora_alpha=alpha, lora_target_modules=list(targets)
+    )
+    if not kind.startswith("frozen"):
+        apply_trainable_subset(model, subset, seed=0, lora=bool(rank))
+    else:
+        model.requires_grad_(False)
+    params = list(model.parameters())  # tied weights appear once, as in the engines
+    blocks = decoder_blocks(model)
+    head = model.score if classifier else model.get_output_embeddings()
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = config.hidden_size
+    layers = len(blocks)
+    return ModelShape(
+        source=source,
+        layers=layers,
+        hidden=hidden,
+        kv_dim=kv_heads * (getattr(config, "head_dim", None) or hidden // heads),
+        numels=tuple(p.numel() for p in params),
+        trainable=tuple(p.requires_grad for p in params),
+        largest_layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        head=head.weight.numel(),
+        trained_layers=trainable_layers or layers,
+    )
+
+
+def model_shape(cfg: ExperimentConfig, path: str, kind: str, *, lora: bool = False) -> ModelShape:
+    """The shape of `path` as the actor ('causal'), the critic ('classifier'), the reference ('frozen') or
+    the reward model ('frozen-classifier'), with the run's trainable subset (LoRA: the actor only)."""
+    m = cfg.model
+    trainable_layers = 0 if kind.startswith("frozen") else m.trainable_layers
+    lora_key = (m.lora_rank, m.lora_alpha, tuple(m.lora_target_modules)) if lora else (0, 0.0, ())
+    return _shape(path, kind, trainable_layers, lora_key, m.trust_remote_code)
+
+
+# ------------------------------------------------------------------ arithmetic
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _layer_activation(seq: int, batch: int, hidden: int, nbytes: int) -> float:
+    """Bytes one transformer layer keeps for backward: 34 s b h at 16 bits, SDPA attention."""
+    return 34 * seq * batch * hidden * nbytes / 2
+
+
+def _trainable_engine(
+    name: str, shape: ModelShape, ds: dict, world: int, nbytes: int, cfg: ExperimentConfig
+) -> EngineMemory:
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    mem = EngineMemory(name, shape, stage)
+    _resident_params(mem, shape, zero, world, nbytes)
+    trainable = [n for n, t in zip(shape.numels, shape.trainable, strict=True) if t]
+    total = sum(trainable)
+    if stage == 3:
+        partition = sum(_ceil_div(n, world) for n in trainable)
+    elif stage in (1, 2):  # one flat group per rank, padded to a multiple of 2 x world size
+        partition = _ceil_div(total, 2 * world) * 2
+    else:
+        partition = total
+    grads = partition if stage >= 2 else total
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    master = 0 if (stage == 0 and nbytes == 4) else partition
+    mem.elements.update(grads=grads, master=master, adam=2 * partition)
+    mem.grads = 0.0 if offload_opt and stage >= 2 else grads * nbytes
+    mem.optimizer = 0.0 if offload_opt else (4 * master + 8 * partition)
+
+    seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    micro = cfg.train.micro_batch_size
+    layer = _layer_activation(seq, micro, shape.hidden, nbytes)
+    full = shape.trained_layers * layer
+    checkpointed = shape.trained_layers * seq * micro * shape.hidden * nbytes + layer
+    on = cfg.model.gradient_checkpointing
+    mem.activations, mem.activations_other = (checkpointed, full) if on else (full, checkpointed)
+    if stage == 3:
+        mem.gathered = (
+            zero.get("stage3_prefetch_bucket_size", 0) + shape.largest_layer + shape.head
+        ) * nbytes
+    return mem
+
+
+def _resident_params(mem: EngineMemory, shape: ModelShape, zero: dict, world: int, nbytes: int) -> None:
+    offloaded = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+    if mem.stage == 3:
+        threshold = zero.get("stage3_param_persistence_threshold", 0)
+        partitioned = sum(_ceil_div(n, world) for n in shape.numels)
+        persistent = sum(n for n in shape.numels if n < threshold)
+        mem.elements.update(params=partitioned, persistent=persistent)
+        mem.params = 0.0 if offloaded else (partitioned + persistent) * nbytes
+    else:
+        mem.elements.update(params=shape.total, persistent=0)
+        mem.params = shape.total * nbytes
+
+
+def _frozen_engine(
+    name: str, shape: ModelShape, ds: dict, world: int, nbytes: int, seq: int, batch: int
+) -> EngineMemory:
+    zero = ds.get("zero_optimization", {})
+    mem = EngineMemory(name, shape, int(zero.get("stage", 0)))
+    _resident_params(mem, shape, zero, world, nbytes)
+    mem.activations = _layer_activation(seq, batch, shape.hidden, nbytes)
+    if mem.stage == 3:
+        mem.gathered = (
+            zero.get("stage3_prefetch_bucket_size", 0) + shape.largest_layer + shape.head
+        ) * nbytes
+    return mem
+
+
+def _engine_ds(cfg: ExperimentConfig, sizes: BatchSizes, shape: ModelShape, trainable: bool) -> dict:
+    """The DeepSpeed config the builders would fill on a bf16-capable GPU (frozen engines: ZeRO-3)."""
+    template = load_ds_template(cfg.deepspeed.config)
+    if not trainable and template.get("zero_optimization", {}).get("stage") != 3:
+        template = load_ds_template("zero3")
+    return fill_ds_config(
+        template, cfg, sizes, on_gpu=True, bf16_supported=True, hidden_size=shape.hidden, trainable=trainable
+    )
+
+
+def memory_plan(cfg: ExperimentConfig, world_size: int) -> MemoryPlan:
+    """Per-GPU memory of every engine of `vbon train` at `world_size` ranks (ConfigError: batch sizes)."""
+    sizes = batch_sizes(cfg, world_size)
+    dtype = precision(cfg, on_gpu=True, bf16_supported=True)
+    nbytes = DTYPE_BYTES[dtype]
+    seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    lora = bool(cfg.model.lora_rank)
+    engines = []
+
+    actor_shape = model_shape(cfg, cfg.model.actor, "causal", lora=lora)
+    actor_ds = _engine_ds(cfg, sizes, actor_shape, trainable=True)
+    actor = _trainable_engine("actor", actor_shape, actor_ds, world_size, nbytes, cfg)
+    kv_cache = 2 * actor_shape.layers * cfg.generation.batch_size * seq * actor_shape.kv_dim * nbytes
+    gathered = actor_shape.total * nbytes if actor.stage == 3 and cfg.generation.gather_params else 0
+    actor.generation = kv_cache + gathered
+    engines.append(actor)
+    notes = []
+
+    if cfg.algo.name == "ppo":
+        from_reward = cfg.model.critic_init == "reward" and bool(cfg.reward.model) and not cfg.reward.function
+        critic_shape = model_shape(cfg, cfg.reward.model if from_reward else cfg.model.actor, "classifier")
+        critic_ds = _engine_ds(cfg, sizes, critic_shape, trainable=True)
+        engines.append(_trainable_engine("critic", critic_shape, critic_ds, world_size, nbytes, cfg))
+
+    same_as_actor = not cfg.model.reference or cfg.model.reference == cfg.model.actor
+    if lora and same_as_actor:
+        notes.append("reference: the actor with its LoRA adapters off (no engine of its own)")
+    else:
+        ref_shape = model_shape(cfg, cfg.model.reference or cfg.model.actor, "frozen")
+        ref_ds = _engine_ds(cfg, sizes, ref_shape, trainable=False)
+        micro = cfg.train.micro_batch_size
+        engines.append(_frozen_engine("reference", ref_shape, ref_ds, world_size, nbytes, seq, micro))
+
+    if cfg.reward.function:
+        notes.append(f"reward: the rule function {cfg.reward.function!r} (no GPU memory)")
+    else:
+        rm_shape = model_shape(cfg, cfg.reward.model, "frozen-classifier")
+        rm_ds = _engine_ds(cfg, sizes, rm_shape, trainable=False)
+        engines.append(
+            _frozen_engine("reward", rm_shape, rm_ds, world_size, nbytes, seq, cfg.reward.batch_size)
+        )
+    for source in sorted({e.shape.source for e in engines} - {"config"}):
+        notes.append(f"model shapes from the {source}")
+    return MemoryPlan(world_size, sizes, dtype, engines, notes)
+
+
+# ------------------------------------------------------------------ report
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.1f}"
+
+
+def format_plan(plan: MemoryPlan, gpu_memory_gb: float) -> str:
+    """The plan as a markdown table (GiB per GPU) and a verdict against a card of `gpu_memory_gb` GB."""
+    s = plan.sizes
+    lines = [
+        f"Memory per GPU at world size {plan.world_size} ({plan.dtype}; per rank: {s.prompts_per_rank} "
+        f"prompts, micro-batch {s.micro_batch_per_rank}, {s.gradient_accumulation_steps} accumulation "
+        "steps), GiB:",
+        "",
+        "| engine | ZeRO | parameters | trainable | params | grads | optimizer | activations "
+        "| activations, ckpt toggled | generation | gathered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in plan.engines:
+        lines.append(
+            f"| {e.name} | {e.stage} | {e.shape.total / 1e6:.1f}M | {e.shape.trainable_total / 1e6:.1f}M "
+            f"| {_gib(e.params)} | {_gib(e.grads)} | {_gib(e.optimizer)} | {_gib(e.activations)} "
+            f"| {_gib(e.activations_other)} | {_gib(e.generation)} | {_gib(e.gathered)} |"
+        )
+    phases = plan.phases
+    peak = max(phases, key=phases.get)
+    verdict = "fits" if plan.fits(gpu_memory_gb) else "does NOT fit"
+    lines += [
+        "",
+        f"resident {_gib(plan.resident)} + largest phase ({peak}) {_gib(phases[peak])} "
+        f"= {_gib(plan.total)} GiB per GPU: {verdict} a {gpu_memory_gb:g} GB card "
+        f"(limit {MARGIN:.0%} = {_gib(MARGIN * gpu_memory_gb * GIB)} GiB)",
+    ]
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--preset", choices=["tiny", "smollm2"], default="smollm2", help="model and reward preset"
     )
-    demo.add_argument("--output-dir", default="runs/demo", help="where the run writes its outputs")
+    demo.add_argument(
+        "--output-dir", help="where the run writes its outputs (runs/demo; same as --set train.output_dir=)"
+    )
     _add_set_arg(demo)
     demo.set_defaults(func=_cmd_demo)
 

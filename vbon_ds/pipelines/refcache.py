@@ -18,6 +18,7 @@ from vbon_ds.data import PromptSet, load_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_reference, build_reward, load_policy_tokenizer
 from vbon_ds.errors import VbonError
+from vbon_ds.models import check_models_fit
 from vbon_ds.pipelines.rollout import response_token_ids, sample_and_score, shard_evenly
 from vbon_ds.refcache import (
     CacheSummary,
@@ -28,6 +29,7 @@ from vbon_ds.refcache import (
     refcache_dir,
     validate_cache,
 )
+from vbon_ds.runlock import run_lock
 
 
 def all_prompts(cfg: ExperimentConfig) -> PromptSet:
@@ -42,6 +44,12 @@ def all_prompts(cfg: ExperimentConfig) -> PromptSet:
 def run(cfg: ExperimentConfig) -> CacheSummary:
     """Fill (or complete) the reference cache of this config and validate it."""
     distributed.init_distributed()
+    with run_lock(cfg.train.output_dir, "vbon refcache"):  # also checks the directory before any work
+        check_models_fit(cfg)
+        return _fill(cfg)
+
+
+def _fill(cfg: ExperimentConfig) -> CacheSummary:
     torch.manual_seed(cfg.train.seed + 1000 * distributed.rank())
     root = refcache_dir(cfg)
     prompts = all_prompts(cfg)

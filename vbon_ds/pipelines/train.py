@@ -39,10 +39,12 @@ from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, resume_checkp
 from vbon_ds.engines.policy import Rollout
 from vbon_ds.errors import VbonError
 from vbon_ds.kernels import set_backend
+from vbon_ds.models import check_models_fit
 from vbon_ds.monitor import Monitor
 from vbon_ds.pipelines.rollout import in_micro_batches, rollout_logprobs, sample_and_score
 from vbon_ds.preemption import StopRequest
 from vbon_ds.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
+from vbon_ds.runlock import run_lock
 
 
 def objective_beta(cfg: ExperimentConfig) -> float:
@@ -394,5 +396,8 @@ def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
 
 def run(cfg: ExperimentConfig) -> Path:
     """Train, leave checkpoints and TensorBoard files under cfg.train.output_dir; return that directory."""
-    Trainer(cfg).run()
+    distributed.init_distributed()
+    with run_lock(cfg.train.output_dir, "vbon train"):  # also checks the directory before any work
+        check_models_fit(cfg)
+        Trainer(cfg).run()
     return Path(cfg.train.output_dir)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.data import PromptSet, load_prompts
+from vbon_ds.data import PromptSet
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_reference, build_reward, load_policy_tokenizer
 from vbon_ds.errors import VbonError
@@ -26,6 +26,7 @@ from vbon_ds.refcache import (
     RefRecord,
     done_prompt_ids,
     fingerprint_from_config,
+    prompt_texts,
     refcache_dir,
     validate_cache,
 )
@@ -34,11 +35,8 @@ from vbon_ds.runlock import run_lock
 
 def all_prompts(cfg: ExperimentConfig) -> PromptSet:
     """Training and evaluation prompts together (an id in both is cached once)."""
-    train, evaluation = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
-    seen: dict[str, str] = {}
-    for pid, text in zip(train.ids + evaluation.ids, train.texts + evaluation.texts, strict=True):
-        seen.setdefault(pid, text)
-    return PromptSet(split="all", ids=list(seen), texts=list(seen.values()))
+    texts = prompt_texts(cfg)
+    return PromptSet(split="all", ids=list(texts), texts=list(texts.values()))
 
 
 def run(cfg: ExperimentConfig) -> CacheSummary:
@@ -62,7 +60,7 @@ def _fill(cfg: ExperimentConfig) -> CacheSummary:
         chunk_size=cfg.train.refcache_shard_prompts,
     )
     distributed.barrier()
-    done = done_prompt_ids(root)
+    done = done_prompt_ids(root, dict(zip(prompts.ids, prompts.texts, strict=True)))
     todo = [i for i, pid in enumerate(prompts.ids) if pid not in done]
     mine, real = shard_evenly(todo, distributed.rank(), distributed.world_size())
 
@@ -117,7 +115,11 @@ def _fill(cfg: ExperimentConfig) -> CacheSummary:
     bar.close()
     distributed.barrier()
     # One rank validates (it writes summary.json); the others wait and read its verdict.
-    summary = validate_cache(root, expected_ids=prompts.ids) if distributed.is_main() else None
+    summary = (
+        validate_cache(root, expected_ids=dict(zip(prompts.ids, prompts.texts, strict=True)))
+        if distributed.is_main()
+        else None
+    )
     summary = distributed.broadcast_object(summary)
     if distributed.is_main():
         print(f"refcache: {summary.num_prompts} prompts x M={summary.num_ref_samples} in {root}")

@@ -309,7 +309,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             elif isinstance(value, str):
                 number = float(value.strip())
             if number is not None and not math.isfinite(number):
-                raise ConfigError(f"{where}: {value!r} is not a finite number")
+                raise ConfigError(f"{where}: {number!r} is not a finite number")
             if number is not None:
                 return number
         elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):

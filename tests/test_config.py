@@ -193,9 +193,7 @@ def test_nan_in_lists_and_unbounded_floats_is_refused(tmp_path, source, message)
 
 
 def test_nan_in_a_list_override_is_refused():
-    with pytest.raises(
-        ConfigError, match=r"generation\.eval_temperatures\[0\]: nan is not a finite number"
-    ):
+    with pytest.raises(ConfigError, match=r"generation\.eval_temperatures\[0\]: nan is not a finite number"):
         load_config(None, ["generation.eval_temperatures=[nan]"])
 
 

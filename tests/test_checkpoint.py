@@ -201,3 +201,32 @@ def test_a_kill_at_every_stage_of_a_save_resumes_to_the_same_weights(tmp_path):
         assert (r["resumed_exit_code"], r["resumed_at"]) == (0, 3 if latest_moved else 2), stage
         assert r["same_weights"], stage
         assert r["steps_left"] == ["step_00000003", "step_00000004"] and r["hidden_left"] == [], stage
+
+
+@pytest.mark.slow
+def test_train_reruns_a_finished_run_as_a_no_op_and_resumes_past_a_broken_latest(tmp_path):
+    from test_pipeline import tiny_config_file, vbon
+
+    config = tiny_config_file(tmp_path, "run", "train.steps=2", "train.checkpoint_every=1")
+    root = tmp_path / "run" / "checkpoints"
+    vbon("refcache", "--config", str(config))
+    vbon("train", "--config", str(config))
+    assert (
+        names(root) == ["step_00000001", "step_00000002"]
+        and latest_checkpoint(root) == root / "step_00000002"
+    )
+    stamp = json.loads((root / "step_00000002" / MANIFEST).read_text())["saved_at"]
+
+    rerun = vbon("train", "--config", str(config))  # the last step is not saved again
+    assert "at step 2" in rerun.stdout
+    assert json.loads((root / "step_00000002" / MANIFEST).read_text())["saved_at"] == stamp
+
+    _file_tampered(root)  # step 2's trainer state no longer matches its manifest
+    longer = vbon("train", "--config", str(config), "--set", "train.steps=3")
+    assert "resuming from the newest verified checkpoint, step_00000001" in longer.stderr
+    assert "at step 1" in longer.stdout
+    assert (
+        names(root) == ["step_00000002", "step_00000003"]
+        and latest_checkpoint(root) == root / "step_00000003"
+    )
+    assert all(verify_checkpoint(d) is None for d in step_dirs(root))

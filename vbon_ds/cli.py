@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -120,4 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vbon: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk where no `errors.writing` guard named the file
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(f"vbon: error: no space left on device{where} ({os.strerror(err.errno)})", file=sys.stderr)
+        return 2
     return 0

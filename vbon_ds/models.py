@@ -162,12 +162,13 @@ def check_models_fit(cfg: ExperimentConfig) -> None:
     """Checks on the model configs alone, before any weights load: prompt plus answer fit each policy's
     context (data.max_prompt_tokens + generation.max_new_tokens), and reward.model has a score head."""
     trust = cfg.model.trust_remote_code
-    policies = {"model.actor": (cfg.model.actor, cfg.model.gguf_file)}
+    # A GGUF actor is skipped: transformers reads its config by parsing the whole file (tens of seconds).
+    policies = {} if cfg.model.gguf_file else {"model.actor": cfg.model.actor}
     if cfg.model.reference and cfg.model.reference != cfg.model.actor:
-        policies["model.reference"] = (cfg.model.reference, "")
+        policies["model.reference"] = cfg.model.reference
     needed = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
-    for field_name, (path, gguf_file) in policies.items():
-        config = load_model_config(path, trust_remote_code=trust, gguf_file=gguf_file)
+    for field_name, path in policies.items():
+        config = load_model_config(path, trust_remote_code=trust)
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if isinstance(positions, int) and needed > positions:
             raise ConfigError(

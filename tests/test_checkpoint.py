@@ -207,7 +207,9 @@ def test_a_kill_at_every_stage_of_a_save_resumes_to_the_same_weights(tmp_path):
 def test_train_reruns_a_finished_run_as_a_no_op_and_resumes_past_a_broken_latest(tmp_path):
     from test_pipeline import tiny_config_file, vbon
 
-    config = tiny_config_file(tmp_path, "run", "train.steps=2", "train.checkpoint_every=1")
+    config = tiny_config_file(
+        tmp_path, "run", "train.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=2"
+    )
     root = tmp_path / "run" / "checkpoints"
     vbon("refcache", "--config", str(config))
     vbon("train", "--config", str(config))

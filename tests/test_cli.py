@@ -88,3 +88,22 @@ def test_readme_config_reference_is_current():
         .split("\n<!-- config-reference:end -->")[0]
     )
     assert section == config_reference(), "README config reference is stale: paste `vbon config --reference`"
+
+
+def test_a_full_disk_anywhere_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import vbon_ds.cli
+
+    def full_disk(cfg):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "events.out"))
+
+    monkeypatch.setattr(vbon_ds.cli, "dump_config", full_disk)
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  lr: 1e-5\n")
+    assert main(["config", "--config", str(path)]) == 2
+    file = tmp_path / "events.out"
+    assert capsys.readouterr().err == (
+        f"vbon: error: no space left on device while writing {file} (No space left on device)\n"
+    )

@@ -155,3 +155,56 @@ def test_config_reference_lists_every_field():
         for f in dataclasses.fields(type(getattr(ExperimentConfig(), section.name))):
             assert f"`{section.name}.{f.name}`" in text
     assert "One of: vbon, vbon_exact, kl_rl." in text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n  lr: 1e-5\nvbon:\n  n: 4\ntrain:\n  steps: 3\n",
+            r"line 5: key 'train' is given twice \(first on line 1\)",
+        ),
+        (
+            "train:\n  lr: 1e-5\n  steps: 2\n  lr: 2e-5\n",
+            r"line 4: key 'lr' is given twice \(first on line 2\)",
+        ),
+    ],
+)
+def test_duplicate_yaml_keys_name_the_key_and_line(tmp_path, text, message):
+    path = write_yaml(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}; merge the two$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "generation:\n  eval_temperatures: [0.7, .nan]\n",
+            r"generation\.eval_temperatures\[1\]: nan is not a finite",
+        ),
+        ("train:\n  adam_betas: [.nan, 0.95]\n", r"train\.adam_betas\[0\]: nan is not a finite number"),
+        ("reward:\n  missing_eos_score: .nan\n", r"reward\.missing_eos_score: nan is not a finite number"),
+    ],
+)
+def test_nan_in_lists_and_unbounded_floats_is_refused(tmp_path, source, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_yaml(tmp_path, source))
+
+
+def test_nan_in_a_list_override_is_refused():
+    with pytest.raises(ConfigError, match=r"generation\.eval_temperatures\[0\]: nan is not a finite number"):
+        load_config(None, ["generation.eval_temperatures=[nan]"])
+
+
+def test_non_utf8_config_file_is_one_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  output_dir: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{path}: not UTF-8 text \(byte 0xe9 at offset 24\)$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_output_dir_is_refused(value):
+    with pytest.raises(ConfigError, match=r"^train\.output_dir: empty; set the directory"):
+        load_config(None, [f"train.output_dir={value}"])

@@ -222,3 +222,19 @@ def test_sampler_refuses_a_state_for_other_data() -> None:
     state = PromptSampler(7, seed=0).state_dict()
     with pytest.raises(VbonError, match="for 7 prompts with seed 0, but this run has 8 prompts with seed 0"):
         PromptSampler(8, seed=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_non_utf8_data_file_is_one_line(tmp_path: Path, suffix: str) -> None:
+    path = write_rows(tmp_path / f"p{suffix}", ROWS)
+    path.write_bytes(path.read_bytes().replace(b"Prompt number 3", "Prompt numéro 3".encode("latin-1")))
+    with pytest.raises(VbonError, match=rf"^data\.source {path}: not UTF-8 text \(it holds the byte 0xe9\)$"):
+        load(path)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-30], lambda b: b"not a parquet file at all"])
+def test_corrupt_parquet_data_file_is_one_line(tmp_path: Path, damage) -> None:
+    path = write_rows(tmp_path / "p.parquet", ROWS)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(VbonError, match=rf"^data\.source {path}: not a readable parquet file \("):
+        load(path)

@@ -101,3 +101,50 @@ def test_gguf_model_and_tokenizer(tmp_path):
     reloaded = load_causal_lm(str(tmp_path), dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_causal_lm_given_as_reward_model_has_no_score_head(actor_dir):
+    from vbon_ds.config import load_config
+    from vbon_ds.models import check_models_fit
+
+    message = r"reward\.model '.*' is a causal language model \(LlamaForCausalLM\) with no score head"
+    with pytest.raises(VbonError, match=message):
+        load_reward_model(str(actor_dir), dtype=torch.float32)
+    cfg = load_config(
+        None, [f"model.actor={actor_dir}", f"reward.model={actor_dir}", "data.max_prompt_tokens=64"]
+    )
+    with pytest.raises(VbonError, match=message):
+        check_models_fit(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # max_position_embeddings, n_positions
+def test_prompt_plus_answer_longer_than_the_context_is_a_config_error(tmp_path, arch):
+    from vbon_ds.config import ConfigError, load_config
+    from vbon_ds.models import check_models_fit
+
+    model = make_tiny_causal_lm(tmp_path / arch, arch=arch)  # 128 positions
+    fits = load_config(
+        None, [f"model.actor={model}", "data.max_prompt_tokens=100", "generation.max_new_tokens=28"]
+    )
+    check_models_fit(fits)
+    too_long = load_config(None, [f"model.actor={model}", "data.max_prompt_tokens=100"])
+    message = (
+        r"data\.max_prompt_tokens \(100\) \+ generation\.max_new_tokens \(50\) = 150 exceeds "
+        r"the 128 positions of model\.actor '.*'; lower one of them"
+    )
+    with pytest.raises(ConfigError, match=message):
+        check_models_fit(too_long)
+    too_long.model.actor, too_long.model.reference = str(actor_dir_of(tmp_path)), str(model)
+    with pytest.raises(ConfigError, match=r"150 exceeds the 128 positions of model\.reference"):
+        check_models_fit(too_long)
+
+
+def actor_dir_of(tmp_path: Path) -> Path:
+    """A policy with room for 512 + 50 tokens."""
+    from vbon_ds.tiny import tiny_config
+
+    tok = make_tiny_tokenizer(tmp_path / "long")
+    config = tiny_config("gpt2", len(tok), tok.eos_token_id)
+    config.n_positions = 1024
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
+    return tmp_path / "long"

@@ -111,9 +111,9 @@ def test_refcache_then_ppo_train_two_processes_zero3(tmp_path):
     assert {p.name for p in checkpoint.iterdir()} >= {
         "actor",
         "critic",
-        "trainer_state.pt",
-        "rng_rank0.pt",
-        "rng_rank1.pt",
+        "trainer_state.json",
+        "rng_rank0.json",
+        "rng_rank1.json",
     }
 
 

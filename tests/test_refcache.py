@@ -13,6 +13,8 @@ import torch
 from vbon_ds.config import ExperimentConfig, load_config
 from vbon_ds.errors import VbonError
 from vbon_ds.refcache import (
+    FINGERPRINT_FILE,
+    SETTINGS_KEY,
     SHARD_SCHEMA,
     SUMMARY_FILE,
     CacheSummary,
@@ -23,6 +25,7 @@ from vbon_ds.refcache import (
     fingerprint_from_config,
     open_refcache,
     refcache_dir,
+    settings_hash,
     validate_cache,
 )
 
@@ -46,7 +49,10 @@ def write(
 
 
 def write_raw_shard(root: Path, name: str, rows: list[dict]) -> None:
-    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), root / name)
+    """A shard written around the writer's checks, under the settings of root's fingerprint.json."""
+    settings = settings_hash(json.loads((root / FINGERPRINT_FILE).read_text()))
+    schema = SHARD_SCHEMA.with_metadata({SETTINGS_KEY: settings})
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / name)
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -227,3 +233,75 @@ def test_runs_share_one_cache_through_train_refcache_dir(tmp_path: Path) -> None
     assert not (tmp_path / "vbon" / "refcache").exists()
     cache = open_refcache(kl_rl_run)  # the KL-RL run reads the cache the vBoN run wrote
     assert cache.rewards_for(["p2"]).tolist() == [[-1.0, 2.0, 2.25]]
+
+
+def test_a_cache_made_for_other_prompt_texts_under_the_same_ids_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, range(3))
+    same = {f"p{i}": f"prompt {i}" for i in range(3)}
+    other = {**same, "p1": "a different prompt"}
+    assert done_prompt_ids(tmp_path, same) == set(same) and len(RefCache(tmp_path, prompts=same)) == 3
+    assert validate_cache(tmp_path, same).num_prompts == 3
+    pattern = r"shard-rank0-00000\.parquet: prompt 'p1' was cached for another text \('prompt 1', now 'a diff"
+    for read in (done_prompt_ids, lambda root, texts: RefCache(root, prompts=texts), validate_cache):
+        with pytest.raises(VbonError, match=pattern):
+            read(tmp_path, other)
+
+
+def test_open_refcache_checks_the_configs_prompt_texts(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"data.source={data}", f"train.output_dir={tmp_path / 'run'}"])
+    with RefCacheWriter(refcache_dir(cfg), fingerprint_from_config(cfg)) as writer:
+        writer.add(RefRecord(r["id"], r["prompt"], [0.0] * 32, [[1]] * 32, ["a"] * 32) for r in rows)
+    assert len(open_refcache(cfg)) == 10
+    rows[4]["prompt"] = "the data set changed"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(VbonError, match=r"prompt 'p4' was cached for another text"):
+        open_refcache(cfg)
+
+
+def test_deleted_fingerprint_does_not_let_other_settings_adopt_the_shards(tmp_path: Path) -> None:
+    write(tmp_path, range(3))
+    (tmp_path / FINGERPRINT_FILE).unlink()
+    with pytest.raises(VbonError, match=r"shard-rank0-00000\.parquet was made under other settings"):
+        RefCacheWriter(tmp_path, {**FINGERPRINT, "temperature": 0.5})
+    assert not (tmp_path / FINGERPRINT_FILE).exists()
+    RefCacheWriter(tmp_path, FINGERPRINT)  # the same settings: the shards are adopted
+    assert json.loads((tmp_path / FINGERPRINT_FILE).read_text())["temperature"] == 1.0
+    assert validate_cache(tmp_path).num_prompts == 3
+
+
+def test_fingerprint_is_written_once_the_first_shard_lands(tmp_path: Path) -> None:
+    RefCacheWriter(tmp_path, {**FINGERPRINT, "reward_function": "typo"})  # the run dies before a shard
+    assert not (tmp_path / FINGERPRINT_FILE).exists()
+    with RefCacheWriter(tmp_path, FINGERPRINT, chunk_size=2) as writer:  # the corrected rerun
+        writer.add([record(0)])
+        assert not (tmp_path / FINGERPRINT_FILE).exists()
+        writer.add([record(1)])
+        assert json.loads((tmp_path / FINGERPRINT_FILE).read_text())["reward_function"] == "length"
+    assert RefCache(tmp_path, FINGERPRINT).rewards_for(["p1"]).tolist() == [[-0.5, 1.0, 2.25]]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]"])
+def test_corrupt_fingerprint_is_one_line_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    write(tmp_path, range(1))
+    (tmp_path / FINGERPRINT_FILE).write_bytes(content)
+    for read in (RefCache, validate_cache, done_prompt_ids, lambda root: RefCacheWriter(root, FINGERPRINT)):
+        with pytest.raises(VbonError, match=r"fingerprint\.json is corrupt \(not a JSON object\); delete"):
+            read(tmp_path)
+
+
+def test_full_disk_while_writing_a_shard_names_it(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    import os
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    with pytest.raises(
+        VbonError, match=r"^no space left on device while writing \S+shard-rank0-00000\.parquet"
+    ):
+        write(tmp_path, range(2))
+    assert done_prompt_ids(tmp_path) == set() and not (tmp_path / FINGERPRINT_FILE).exists()

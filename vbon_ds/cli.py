@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -134,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--preset", choices=["tiny", "smollm2"], default="smollm2", help="model and reward preset"
     )
-    demo.add_argument("--output-dir", default="runs/demo", help="where the run writes its outputs")
+    demo.add_argument(
+        "--output-dir", help="where the run writes its outputs (runs/demo; same as --set train.output_dir=)"
+    )
     _add_set_arg(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -166,4 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vbon: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk where no `errors.writing` guard named the file
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(f"vbon: error: no space left on device{where} ({os.strerror(err.errno)})", file=sys.stderr)
+        return 2
     return 0

@@ -29,6 +29,9 @@ class ConfigError(VbonError):
     """A config value is unknown, of the wrong type or out of range; the message names the field."""
 
 
+EMPTY_OUTPUT_DIR = "train.output_dir: empty; set the directory for checkpoints, caches, logs and results"
+
+
 def choice(default: Any, *allowed: Any) -> Any:
     """A field whose value must be one of `allowed`."""
     return field(default=default, metadata={"choices": allowed})
@@ -310,10 +313,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             if isinstance(value, float) and value.is_integer():
                 return int(value)
         elif tp is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):
-                return float(value.strip())
+                number = float(value)
+            elif isinstance(value, str):
+                number = float(value.strip())
+            if number is not None and not math.isfinite(number):
+                raise ConfigError(f"{where}: {number!r} is not a finite number")
+            if number is not None:
+                return number
         elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     except ValueError:
@@ -385,6 +393,32 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: line {line}: key {key!r} is given twice "
+                    f"(first on line {seen[key]}); merge the two"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader.name = name  # messages name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
     """Build the experiment config: defaults, then the YAML file, then `--set` overrides; then validate."""
     cfg = ExperimentConfig()
@@ -393,9 +427,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = _load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+            ) from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _apply(cfg, data, "")
@@ -409,6 +447,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that involve more than one field."""
+    if not cfg.train.output_dir.strip():
+        raise ConfigError(EMPTY_OUTPUT_DIR)
     if cfg.vbon.objective == "kl_rl" and cfg.vbon.beta is None:
         raise ConfigError("vbon.beta: the kl_rl objective needs an explicit KL coefficient (e.g. 0.05)")
     if cfg.algo.name == "rloo" and cfg.algo.samples_per_prompt < 2:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vbon_ds.config import DataConfig
@@ -237,7 +238,14 @@ def _read_file(path: Path) -> _Table:
     reader = _READERS.get(path.suffix)
     if reader is None:
         raise VbonError(f"data.source {path}: unsupported file type (use {', '.join(sorted(_READERS))})")
-    return _Table(str(path), reader(path))
+    try:
+        return _Table(str(path), reader(path))
+    except UnicodeDecodeError as err:
+        raise VbonError(
+            f"data.source {path}: not UTF-8 text (it holds the byte {err.object[err.start]:#04x})"
+        ) from None
+    except (pa.ArrowException, OSError) as err:  # a truncated or foreign file under a .parquet name
+        raise VbonError(f"data.source {path}: not a readable {path.suffix[1:]} file ({err})") from None
 
 
 def _columns_from_rows(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from vbon_ds.config import ConfigError, ExperimentConfig
 from vbon_ds.errors import VbonError
 
 # "gpt2" or "org/name": what the hub accepts; anything else that does not exist locally is a typo'd path.
@@ -87,8 +88,24 @@ def load_causal_lm(
     )
 
 
+def _causal_lm_architecture(config: PretrainedConfig) -> str | None:
+    """The architecture name when a checkpoint is a language model (LM head, no score head), else None."""
+    names = getattr(config, "architectures", None) or []
+    return next((n for n in names if n.endswith(("ForCausalLM", "LMHeadModel"))), None)
+
+
+def _no_score_head(path: str, architecture: str) -> VbonError:
+    return VbonError(
+        f"reward.model {path!r} is a causal language model ({architecture}) with no score head; give a "
+        "sequence classifier with 1 output (num_labels=1), or a rule in reward.function"
+    )
+
+
 def load_reward_model(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """A trained sequence classifier with exactly one output (the scalar reward)."""
+    architecture = _causal_lm_architecture(load_model_config(path, trust_remote_code=trust_remote_code))
+    if architecture:
+        raise _no_score_head(path, architecture)
     model, info = _load(
         AutoModelForSequenceClassification,
         path,
@@ -139,3 +156,27 @@ def check_same_vocab(
         f"actor and {other} tokenizers differ ({len(actor_vocab)} vs {len(ref_vocab)} tokens; e.g. "
         f"{', '.join(f'{t!r}->{i}' for t, i in differing)}): the {other} must share the actor's vocabulary"
     )
+
+
+def check_models_fit(cfg: ExperimentConfig) -> None:
+    """Checks on the model configs alone, before any weights load: prompt plus answer fit each policy's
+    context (data.max_prompt_tokens + generation.max_new_tokens), and reward.model has a score head."""
+    trust = cfg.model.trust_remote_code
+    # A GGUF actor is skipped: transformers reads its config by parsing the whole file (tens of seconds).
+    policies = {} if cfg.model.gguf_file else {"model.actor": cfg.model.actor}
+    if cfg.model.reference and cfg.model.reference != cfg.model.actor:
+        policies["model.reference"] = cfg.model.reference
+    needed = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    for field_name, path in policies.items():
+        config = load_model_config(path, trust_remote_code=trust)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(positions, int) and needed > positions:
+            raise ConfigError(
+                f"data.max_prompt_tokens ({cfg.data.max_prompt_tokens}) + generation.max_new_tokens "
+                f"({cfg.generation.max_new_tokens}) = {needed} exceeds the {positions} positions of "
+                f"{field_name} {path!r}; lower one of them"
+            )
+    if cfg.reward.model and not cfg.reward.function:
+        architecture = _causal_lm_architecture(load_model_config(cfg.reward.model, trust_remote_code=trust))
+        if architecture:
+            raise _no_score_head(cfg.reward.model, architecture)

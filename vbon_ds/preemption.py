@@ -1,7 +1,9 @@
-"""SIGTERM / SIGUSR1 ask the trainer to checkpoint at the next step boundary and exit (Slurm preemption)."""
+"""SIGTERM / SIGUSR1 / SIGINT ask the trainer to checkpoint at the next step boundary and exit (Slurm
+preemption, Ctrl-C). A second Ctrl-C stops at once (KeyboardInterrupt), without the checkpoint."""
 
 from __future__ import annotations
 
+import os
 import signal
 import types
 
@@ -9,7 +11,7 @@ import types
 class StopRequest:
     """Installs the handlers; `requested` turns true once a stop signal arrived."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
@@ -19,6 +21,10 @@ class StopRequest:
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts
+            if os.environ.get("RANK", "0") == "0":  # os.write: the handler may interrupt a print
+                os.write(2, b"\nvbon: stopping after this step with a checkpoint; Ctrl-C again to quit now\n")
 
     def restore(self) -> None:
         """Put back the handlers that were there before."""

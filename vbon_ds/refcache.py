@@ -1,18 +1,23 @@
 """On-disk cache of reference samples: per prompt, M answers drawn from pi_ref and their rewards.
 
 Layout of `<output_dir>/refcache/`:
-  fingerprint.json                what the samples depend on (models, generation, M, format version)
-  shard-rank{r}-{k:05d}.parquet   a chunk of prompts written by rank r; it appears only once complete
+  fingerprint.json                what the samples depend on (models, generation, M, format version),
+                                  written once the first shard is complete
+  shard-rank{r}-{k:05d}.parquet   a chunk of prompts written by rank r; it appears only once complete and
+                                  carries a hash of the fingerprint it was made under (checked on read)
   summary.json                    written by `validate_cache`: prompts, M and shards at the last check
 
 Each record keeps the answers and their rewards in draw order (BoN sampling takes the best of the first N
 draws; BoN-SFT the best of N; BoNBoN/DPO the best and the worst of N) and the rewards sorted ascending, the
-rank statistics behind log F_hat. This module only stores and reads: the refcache pipeline samples and
-scores, partitions prompts across ranks, and skips `done_prompt_ids` on a resumed run.
+rank statistics behind log F_hat. Records keep their prompt text: a cache made for other texts under the
+same prompt ids is refused when prompts are given to check against. This module only stores and reads: the
+refcache pipeline samples and scores, partitions prompts across ranks, and skips `done_prompt_ids` on a
+resumed run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,9 +34,11 @@ import pyarrow.parquet as pq
 import torch
 
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.errors import VbonError
+from vbon_ds.data import load_prompts
+from vbon_ds.errors import VbonError, writing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SETTINGS_KEY = b"vbon_fingerprint_sha256"
 FINGERPRINT_FILE = "fingerprint.json"
 SUMMARY_FILE = "summary.json"
 SHARD_GLOB = "shard-rank*-*.parquet"
@@ -109,9 +116,19 @@ def refcache_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.train.refcache_dir or Path(cfg.train.output_dir) / "refcache")
 
 
+def prompt_texts(cfg: ExperimentConfig) -> dict[str, str]:
+    """Training and evaluation prompts together, id -> text in source order (an id in both counts once)."""
+    texts: dict[str, str] = {}
+    for role in ("train", "eval"):
+        prompts = load_prompts(cfg.data, role)
+        for pid, text in zip(prompts.ids, prompts.texts, strict=True):
+            texts.setdefault(pid, text)
+    return texts
+
+
 def open_refcache(cfg: ExperimentConfig) -> RefCache:
-    """The experiment's cache for reading, refused when it was made under other settings."""
-    return RefCache(refcache_dir(cfg), fingerprint_from_config(cfg))
+    """The experiment's cache for reading, refused when it was made under other settings or other prompts."""
+    return RefCache(refcache_dir(cfg), fingerprint_from_config(cfg), prompts=prompt_texts(cfg))
 
 
 class RefCacheWriter:
@@ -129,12 +146,16 @@ class RefCacheWriter:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.root, self.rank, self.chunk_size = Path(root), rank, chunk_size
         self.root.mkdir(parents=True, exist_ok=True)
-        stored = _stored_fingerprint(fingerprint)
-        self.m: int = stored["num_ref_samples"]
+        self._stored = _stored_fingerprint(fingerprint)
+        self.m: int = self._stored["num_ref_samples"]
         if (self.root / FINGERPRINT_FILE).exists():
-            _check_fingerprint(self.root, stored)
-        else:
-            _write_json(self.root / FINGERPRINT_FILE, stored)  # ranks racing here write identical content
+            _check_fingerprint(self.root, self._stored)
+            self._stored = _load_fingerprint(self.root)  # equal, and hashed as written (1 == 1.0)
+        elif _shard_paths(self.root):
+            # fingerprint.json was deleted: adopt the shards only if they were made under these settings.
+            for path in _shard_paths(self.root):
+                _read_shard(path, ["prompt_id"], settings_hash(self._stored))
+            self._write_fingerprint()
         # A crashed run of this rank may have left a partial shard; other ranks' files are not ours to touch.
         for partial in self.root.glob(f".shard-rank{rank}-*.tmp"):
             partial.unlink()
@@ -159,17 +180,23 @@ class RefCacheWriter:
         if not self._buffer:
             return
         table = pa.Table.from_pylist(
-            [{**asdict(r), "sorted_rewards": sorted(r.rewards)} for r in self._buffer], schema=SHARD_SCHEMA
+            [{**asdict(r), "sorted_rewards": sorted(r.rewards)} for r in self._buffer],
+            schema=SHARD_SCHEMA.with_metadata({SETTINGS_KEY: settings_hash(self._stored)}),
         )
         path = self.root / f"shard-rank{self.rank}-{self._next_shard:05d}.parquet"
         partial = self.root / f".{path.name}.tmp"
-        with partial.open("wb") as f:
+        with writing(path), partial.open("wb") as f:
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
         self._next_shard += 1
         self._buffer = []
+        if not (self.root / FINGERPRINT_FILE).exists():
+            self._write_fingerprint()  # only now: a run that failed before its first shard leaves no trace
+
+    def _write_fingerprint(self) -> None:
+        _write_json(self.root / FINGERPRINT_FILE, self._stored)  # racing ranks write identical content
 
     def close(self) -> None:
         """Write what is buffered."""
@@ -182,17 +209,24 @@ class RefCacheWriter:
         self.close()
 
 
-def done_prompt_ids(root: str | Path) -> set[str]:
+def done_prompt_ids(root: str | Path, prompts: Mapping[str, str] | None = None) -> set[str]:
     """Ids of the prompts already in complete shards (empty when there is no cache yet).
 
+    With `prompts` (id -> text), a record cached for another text under one of those ids is refused.
     Partition the full prompt list across ranks first and then drop the done ids, so the assignment does
     not depend on when each rank looks.
     """
-    return {
-        pid
-        for path in _shard_paths(Path(root))
-        for pid in _read_shard(path, ["prompt_id"])["prompt_id"].to_pylist()
-    }
+    root = Path(root)
+    if not _shard_paths(root):
+        return set()
+    settings = settings_hash(_load_fingerprint(root))
+    done = set()
+    for path in _shard_paths(root):
+        table = _read_shard(path, ["prompt_id", "prompt"], settings)
+        ids, texts = table["prompt_id"].to_pylist(), table["prompt"].to_pylist()
+        _check_texts(root, path, ids, texts, prompts)
+        done.update(ids)
+    return done
 
 
 class RefCache:
@@ -202,16 +236,25 @@ class RefCache:
     name order wins and a warning names both: either record is a valid draw from pi_ref.
     """
 
-    def __init__(self, root: str | Path, fingerprint: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        fingerprint: Mapping[str, Any] | None = None,
+        prompts: Mapping[str, str] | None = None,
+    ):
         self.root = Path(root)
         stored = _load_fingerprint(self.root)
         if fingerprint is not None:
             _check_fingerprint(self.root, _stored_fingerprint(fingerprint))
         self.m: int = stored["num_ref_samples"]
+        self._settings = settings_hash(stored)
         self._index: dict[str, int] = {}
         self._location: list[tuple[Path, int]] = []
         blocks = []
-        for path, table, rows in _unique_rows(self.root, ["prompt_id", "sorted_rewards"]):
+        for path, table, rows in _unique_rows(self.root, ["prompt_id", "prompt", "sorted_rewards"]):
+            _check_texts(
+                self.root, path, table["prompt_id"].to_pylist(), table["prompt"].to_pylist(), prompts
+            )
             blocks.append(_reward_matrix(path, table, self.m)[rows])
             for row in rows:
                 self._index[table["prompt_id"][row].as_py()] = len(self._location)
@@ -236,7 +279,7 @@ class RefCache:
         path, row = self._location[self._index[prompt_id]]
         # Keep the last shard open: iterating prompts in cache order then reads each shard once.
         if self._open_shard is None or self._open_shard[0] != path:
-            self._open_shard = (path, _read_shard(path, SHARD_SCHEMA.names))
+            self._open_shard = (path, _read_shard(path, SHARD_SCHEMA.names, self._settings))
         values = self._open_shard[1].slice(row, 1).to_pylist()[0]
         del values["sorted_rewards"]
         return RefRecord(**values)
@@ -256,14 +299,17 @@ class RefCache:
 
 def validate_cache(root: str | Path, expected_ids: Iterable[str] | None = None) -> CacheSummary:
     """Check every record (M finite rewards, sorted copy consistent, M answers) and that `expected_ids` are
-    all present; write `summary.json` and return the summary, or raise a VbonError naming shard and prompt."""
+    all present (given as an id -> text mapping, the cached prompt texts must match too); write
+    `summary.json` and return the summary, or raise a VbonError naming shard and prompt."""
     root = Path(root)
     m = _load_fingerprint(root)["num_ref_samples"]
     found: set[str] = set()
     shards = 0
+    texts = expected_ids if isinstance(expected_ids, Mapping) else None
     for path, table, rows in _unique_rows(root, SHARD_SCHEMA.names):
         shards += 1
         columns = table.to_pydict()
+        _check_texts(root, path, columns["prompt_id"], columns["prompt"], texts)
         for row in rows:
             pid = columns["prompt_id"][row]
             problem = _record_problem(
@@ -320,13 +366,23 @@ def _stored_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({"format_version": FORMAT_VERSION, **fingerprint}))
 
 
+def settings_hash(stored: Mapping[str, Any]) -> str:
+    """What every shard records about the settings it was made under (a fingerprint as stored)."""
+    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
+
+
 def _load_fingerprint(root: Path) -> dict[str, Any]:
     path = root / FINGERPRINT_FILE
     if not path.is_file():
         raise VbonError(
             f"no reference cache in {root} ({FINGERPRINT_FILE} is missing); run `vbon refcache` first"
         )
-    stored = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        stored = err
+    if not isinstance(stored, dict):
+        raise VbonError(f"{path} is corrupt (not a JSON object); delete {root} to rebuild the cache")
     if stored.get("format_version") != FORMAT_VERSION:
         raise VbonError(
             f"the reference cache in {root} has format version {stored.get('format_version')}, this vbon_ds "
@@ -350,9 +406,22 @@ def _check_fingerprint(root: Path, expected: dict[str, Any]) -> None:
         )
 
 
+def _check_texts(
+    root: Path, path: Path, ids: Sequence[str], texts: Sequence[str], expected: Mapping[str, str] | None
+) -> None:
+    """Refuse records whose prompt text differs from the expected text under the same id."""
+    for pid, text in zip(ids, texts, strict=True):
+        if expected is not None and pid in expected and expected[pid] != text:
+            raise VbonError(
+                f"reference cache shard {path}: prompt {pid!r} was cached for another text ({text[:40]!r}, "
+                f"now {expected[pid][:40]!r}); use another train.output_dir, or delete {root} to rebuild"
+            )
+
+
 def _write_json(path: Path, value: Any) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with writing(path):
+        partial.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(partial, path)
 
 
@@ -360,21 +429,29 @@ def _shard_paths(root: Path) -> list[Path]:
     return sorted(root.glob(SHARD_GLOB))
 
 
-def _read_shard(path: Path, columns: list[str]) -> pa.Table:
+def _read_shard(path: Path, columns: list[str], settings: str) -> pa.Table:
+    """The shard's columns, refused unless it was made under the settings whose hash is `settings`."""
     try:
-        return pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as err:
         raise VbonError(
             f"reference cache shard {path} is unreadable ({err}); delete it and rerun `vbon refcache` "
             "to regenerate its prompts"
         ) from None
+    if (table.schema.metadata or {}).get(SETTINGS_KEY) != settings.encode():
+        raise VbonError(
+            f"reference cache shard {path} was made under other settings than {FINGERPRINT_FILE} (or by an "
+            f"older vbon_ds); delete {path.parent} to rebuild the cache"
+        )
+    return table
 
 
 def _unique_rows(root: Path, columns: list[str]) -> Iterator[tuple[Path, pa.Table, list[int]]]:
     """Each shard with the rows whose prompt id no earlier shard had; a repeated id is warned about."""
     first_seen: dict[str, Path] = {}
+    settings = settings_hash(_load_fingerprint(root))
     for path in _shard_paths(root):
-        table = _read_shard(path, columns)
+        table = _read_shard(path, columns, settings)
         rows = []
         for row, pid in enumerate(table["prompt_id"].to_pylist()):
             if pid in first_seen:

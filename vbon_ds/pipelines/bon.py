@@ -13,7 +13,7 @@ from pathlib import Path
 from vbon_ds import bon
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.data import load_prompts
-from vbon_ds.errors import VbonError
+from vbon_ds.errors import VbonError, writing
 from vbon_ds.refcache import open_refcache
 
 
@@ -29,7 +29,7 @@ def run(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.train.output_dir) / "eval" / f"bon_n{n}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     picked = []
-    with out.open("w", encoding="utf-8") as f:
+    with writing(out), out.open("w", encoding="utf-8") as f:
         for pid in ids:
             record = cache.record(pid)
             best = record.best_of(n)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from vbon_ds.config import ExperimentConfig, load_config
+from vbon_ds.config import EMPTY_OUTPUT_DIR, ConfigError, ExperimentConfig, load_config, parse_override
 from vbon_ds.data import DEMO_PROMPTS, load_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.errors import VbonError
+from vbon_ds.runlock import run_lock
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_OUTPUT_DIR = "runs/demo"
 
 _COMMON = [
     f"data.source={DEMO_PROMPTS}",
@@ -33,6 +35,7 @@ _COMMON = [
 PRESETS: dict[str, list[str]] = {
     "tiny": [
         "reward.function=vowel_ratio",
+        "data.max_prompt_tokens=64",  # the tiny model has 128 positions; the longest prompt is 37 tokens
         "vbon.n=4",
         "vbon.num_ref_samples=16",
         "algo.ppo_epochs=2",
@@ -79,11 +82,28 @@ def smollm2_dir() -> Path:
     return path
 
 
-def demo_config(preset: str, output_dir: str | Path, extra: list[str] | None = None) -> ExperimentConfig:
-    """The experiment config of a preset (the tiny model is created under output_dir/model)."""
+def demo_output_dir(output_dir: str | Path | None, extra: list[str]) -> Path:
+    """The run's directory, absolute: `--output-dir` or `--set train.output_dir=...` (the same thing)."""
+    overrides = [value for key, value in map(parse_override, extra) if key == ["train", "output_dir"]]
+    if output_dir is not None and overrides and Path(overrides[-1]).resolve() != Path(output_dir).resolve():
+        raise VbonError(
+            f"--output-dir {output_dir} and --set train.output_dir={overrides[-1]} disagree; give one of them"
+        )
+    chosen = overrides[-1] if overrides else (output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR)
+    if not str(chosen).strip():
+        raise ConfigError(EMPTY_OUTPUT_DIR)
+    return Path(chosen).expanduser().resolve()
+
+
+def demo_config(
+    preset: str, output_dir: str | Path | None = None, extra: list[str] | None = None
+) -> ExperimentConfig:
+    """The experiment config of a preset (the tiny model is created under output_dir/model); every path in
+    it is absolute, so the recorded settings do not depend on the working directory."""
     if preset not in PRESETS:
         raise VbonError(f"--preset: unknown preset {preset!r} (allowed: {', '.join(PRESETS)})")
-    output_dir = Path(output_dir)
+    extra = list(extra or [])
+    output_dir = demo_output_dir(output_dir, extra)
     if preset == "tiny":
         model_dir = output_dir / "model"
         if distributed.is_main() and not (model_dir / "config.json").exists():
@@ -95,11 +115,11 @@ def demo_config(preset: str, output_dir: str | Path, extra: list[str] | None = N
     else:
         model_dir = smollm2_dir()
     overrides = [*_COMMON, *PRESETS[preset], f"model.actor={model_dir}", f"train.output_dir={output_dir}"]
-    return load_config(None, overrides + list(extra or []))
+    return load_config(None, [*overrides, *extra, f"train.output_dir={output_dir}"])
 
 
 def run_demo(
-    preset: str = "smollm2", output_dir: str | Path = "runs/demo", extra: list[str] | None = None
+    preset: str = "smollm2", output_dir: str | Path | None = None, extra: list[str] | None = None
 ) -> None:
     """refcache -> train -> evaluate on the preset, printing the evaluation table at the end."""
     from vbon_ds.pipelines import refcache
@@ -107,16 +127,19 @@ def run_demo(
     from vbon_ds.pipelines.train import Trainer
 
     distributed.init_distributed()
-    cfg = demo_config(preset, output_dir, extra)
-    if distributed.is_main():
-        print(
-            f"vbon demo ({preset}): outputs in {output_dir}; TensorBoard: tensorboard --logdir {output_dir}"
-        )
-    refcache.run(cfg)
-    trainer = Trainer(cfg)
-    trainer.run()
-    rows = evaluate(cfg, trainer.actor, trainer.reference, trainer.scorer, trainer.tokenizer)
-    out = write_report(cfg, rows)
+    output_dir = demo_output_dir(output_dir, list(extra or []))
+    with run_lock(output_dir, "vbon demo"):  # before the tiny model is written there
+        cfg = demo_config(preset, output_dir, extra)
+        if distributed.is_main():
+            print(
+                f"vbon demo ({preset}): outputs in {output_dir}; "
+                f"TensorBoard: tensorboard --logdir {output_dir}"
+            )
+        refcache.run(cfg)
+        trainer = Trainer(cfg)
+        trainer.run()
+        rows = evaluate(cfg, trainer.actor, trainer.reference, trainer.scorer, trainer.tokenizer)
+        out = write_report(cfg, rows)
     if distributed.is_main():
         print(f"\nvBoN with N={cfg.vbon.n} after {trainer.step} steps ({out}/results.md, reward_kl.png):")
         print(format_table(rows))

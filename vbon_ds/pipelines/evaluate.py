@@ -24,6 +24,7 @@ from vbon_ds.data import load_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.errors import writing
 from vbon_ds.pipelines.rollout import rollout_logprobs, sample_and_score, shard_evenly
 from vbon_ds.refcache import RefCache, open_refcache
 
@@ -164,9 +165,12 @@ def write_report(cfg: ExperimentConfig, rows: list[EvalRow]) -> Path:
     out = Path(cfg.train.output_dir) / "eval"
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-        (out / "results.md").write_text(format_table(rows) + "\n")
-        plot_reward_kl(rows, out / "reward_kl.png")
+        with writing(out / "results.json"):
+            (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        with writing(out / "results.md"):
+            (out / "results.md").write_text(format_table(rows) + "\n")
+        with writing(out / "reward_kl.png"):
+            plot_reward_kl(rows, out / "reward_kl.png")
     return out
 
 

@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.data import PromptSet, load_prompts
+from vbon_ds.data import PromptSet
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_reference, build_reward, load_policy_tokenizer
 from vbon_ds.errors import VbonError
+from vbon_ds.models import check_models_fit
 from vbon_ds.pipelines.rollout import response_token_ids, sample_and_score, shard_evenly
 from vbon_ds.refcache import (
     CacheSummary,
@@ -27,18 +28,17 @@ from vbon_ds.refcache import (
     RefRecord,
     done_prompt_ids,
     fingerprint_from_config,
+    prompt_texts,
     refcache_dir,
     validate_cache,
 )
+from vbon_ds.runlock import run_lock
 
 
 def all_prompts(cfg: ExperimentConfig) -> PromptSet:
     """Training and evaluation prompts together (an id in both is cached once)."""
-    train, evaluation = load_prompts(cfg.data, "train"), load_prompts(cfg.data, "eval")
-    seen: dict[str, str] = {}
-    for pid, text in zip(train.ids + evaluation.ids, train.texts + evaluation.texts, strict=True):
-        seen.setdefault(pid, text)
-    return PromptSet(split="all", ids=list(seen), texts=list(seen.values()))
+    texts = prompt_texts(cfg)
+    return PromptSet(split="all", ids=list(texts), texts=list(texts.values()))
 
 
 def part_indices(num_prompts: int, part: tuple[int, int]) -> range:
@@ -54,6 +54,12 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
     a last run without it fills any gap and validates the whole cache.
     """
     distributed.init_distributed()
+    with run_lock(cfg.train.output_dir, "vbon refcache"):  # also checks the directory before any work
+        check_models_fit(cfg)
+        return _fill(cfg, part)
+
+
+def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
     # Writers of concurrent parts need distinct shard names and random streams.
     writer_id = part[0] * distributed.world_size() + distributed.rank()
     torch.manual_seed(cfg.train.seed + 1000 * writer_id)
@@ -69,11 +75,12 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
         chunk_size=cfg.train.refcache_shard_prompts,
     )
     distributed.barrier()
-    done = done_prompt_ids(root)
+    done = done_prompt_ids(root, dict(zip(prompts.ids, prompts.texts, strict=True)))
     todo = [i for i in share if prompts.ids[i] not in done]
     mine, real = shard_evenly(todo, distributed.rank(), distributed.world_size())
+    expected = {prompts.ids[i]: prompts.texts[i] for i in share}
     if not todo:  # a rerun of a complete cache, or the merge job after a job array: no model to load
-        return _validated(root, [prompts.ids[i] for i in share], part)
+        return _validated(root, expected, part)
 
     tokenizer = load_policy_tokenizer(cfg)
     sizes = batch_sizes(cfg, distributed.world_size())
@@ -125,12 +132,12 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
             bar.update(distributed.world_size() * len(records))
     bar.close()
     distributed.barrier()
-    return _validated(root, [prompts.ids[i] for i in share], part)
+    return _validated(root, expected, part)
 
 
-def _validated(root: Path, expected: list[str], part: tuple[int, int]) -> CacheSummary:
-    """Validate the cache holds `expected` and report it: one rank validates (it writes summary.json),
-    the others wait and read its verdict."""
+def _validated(root: Path, expected: dict[str, str], part: tuple[int, int]) -> CacheSummary:
+    """Validate the cache holds `expected` (id -> prompt text) and report it: one rank validates (it writes
+    summary.json), the others wait and read its verdict."""
     summary = validate_cache(root, expected_ids=expected) if distributed.is_main() else None
     summary = distributed.broadcast_object(summary)
     if distributed.is_main():

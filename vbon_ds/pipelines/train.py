@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,16 @@ from vbon_ds.engines.builders import (
     build_reward,
     load_policy_tokenizer,
 )
-from vbon_ds.engines.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
 from vbon_ds.engines.policy import Rollout
 from vbon_ds.errors import VbonError
 from vbon_ds.kernels import set_backend
+from vbon_ds.models import check_models_fit
 from vbon_ds.monitor import Monitor
 from vbon_ds.pipelines.rollout import in_micro_batches, rollout_logprobs, sample_and_score
 from vbon_ds.preemption import StopRequest
 from vbon_ds.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
+from vbon_ds.runlock import run_lock
 
 
 def objective_beta(cfg: ExperimentConfig) -> float:
@@ -142,14 +145,20 @@ class Trainer:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     def _resume(self) -> None:
+        self.run_id = uuid.uuid4().hex  # a resumed run keeps the id of the run it continues
         resume = self.cfg.train.resume
         if resume == "none":
             return
-        path = latest_checkpoint(self.out / "checkpoints") if resume == "auto" else Path(resume)
+        root = self.out / "checkpoints" if resume == "auto" else Path(resume)
+        # The newest verified checkpoint; a VbonError when some exist but none is usable.
+        path = distributed.broadcast_object(resume_checkpoint(root) if distributed.is_main() else None)
         if path is None:
+            if resume != "auto":
+                raise VbonError(f"train.resume: no checkpoint in {root}")
             return
         state = load_checkpoint(path, self._engines())  # also restores this rank's RNG streams
         self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.run_id = state.get("run_id", self.run_id)
         self.sampler.load_state_dict(state["sampler"])
         if distributed.is_main():
             print(f"train: resumed from {path} at step {self.step}")
@@ -161,6 +170,7 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "sampler": self.sampler.state_dict(),
             "config": config_to_dict(self.cfg),
+            "run_id": self.run_id,
         }
         save_checkpoint(
             self.out / "checkpoints",
@@ -168,6 +178,7 @@ class Trainer:
             self._engines(),
             state,
             keep_last=self.cfg.train.keep_checkpoints,
+            run_id=self.run_id,  # saving a step this run already saved (e.g. the last one) is a no-op
         )
 
     # ------------------------------------------------------------ one step
@@ -385,5 +396,8 @@ def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
 
 def run(cfg: ExperimentConfig) -> Path:
     """Train, leave checkpoints and TensorBoard files under cfg.train.output_dir; return that directory."""
-    Trainer(cfg).run()
+    distributed.init_distributed()
+    with run_lock(cfg.train.output_dir, "vbon train"):  # also checks the directory before any work
+        check_models_fit(cfg)
+        Trainer(cfg).run()
     return Path(cfg.train.output_dir)

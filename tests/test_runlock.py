@@ -1,0 +1,183 @@
+"""One run per output directory (a lock the OS drops with the process), the output directory checked before
+any work, Ctrl-C handled like a preemption signal, and demo paths that do not depend on the working
+directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vbon_ds.errors import VbonError
+from vbon_ds.runlock import LOCK_FILE, prepare_output_dir, run_lock
+
+REPO = Path(__file__).resolve().parent.parent
+HOLD = "import sys, time; from vbon_ds.runlock import run_lock\nwith run_lock(sys.argv[1], 'vbon train'):\n"
+
+
+def hold_lock(output_dir: Path) -> subprocess.Popen:
+    """Another process holding the lock of `output_dir` until it is killed."""
+    code = HOLD + "    print('held', flush=True); time.sleep(600)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(output_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_is_refused_naming_the_holder_until_it_dies(tmp_path):
+    holder = hold_lock(tmp_path / "run")
+    try:
+        message = (
+            rf"^train\.output_dir {tmp_path / 'run'} is in use by vbon train \(pid {holder.pid} on "
+            rf"{socket.gethostname()}, since .*\); wait for that run to end, or use another "
+            r"train\.output_dir$"
+        )
+        with pytest.raises(VbonError, match=message), run_lock(tmp_path / "run", "vbon refcache"):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_lock(tmp_path / "run", "vbon refcache"):  # a killed holder never blocks the requeued job
+        assert "vbon refcache" in (tmp_path / "run" / LOCK_FILE).read_text()
+
+
+def test_the_lock_nests_in_one_process_and_is_released_after(tmp_path):
+    with run_lock(tmp_path, "vbon demo"), run_lock(tmp_path, "vbon refcache"):
+        pass
+    holder = hold_lock(tmp_path)  # released: another process can take it
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+
+
+def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
+    holder = hold_lock(tmp_path)
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with run_lock(tmp_path, "vbon train"):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_output_dir_under_a_file_or_a_file_itself(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "file" / "run", tmp_path / "file"):
+        with pytest.raises(
+            VbonError, match=rf"^train\.output_dir {target}: {tmp_path / 'file'} is a file, not a"
+        ):
+            prepare_output_dir(target)
+        with pytest.raises(VbonError, match="is a file, not a directory"), run_lock(target, "vbon train"):
+            pass
+
+
+def read_only_dirs(tmp_path: Path) -> list[Path]:
+    """Directories this process cannot write to: sysfs (even as root), and a chmod-ed one (not for root)."""
+    dirs = [Path("/sys/kernel")] if Path("/sys/kernel").is_dir() else []
+    if os.geteuid() != 0:
+        dirs.append(tmp_path / "ro")
+        dirs[-1].mkdir()
+        dirs[-1].chmod(0o555)
+    return dirs
+
+
+def test_read_only_output_dir_is_refused_before_any_work(tmp_path):
+    dirs = read_only_dirs(tmp_path)
+    assert dirs, "no read-only directory to test with"
+    for target in dirs:
+        with (
+            pytest.raises(VbonError, match=rf"^train\.output_dir {target} is not writable \("),
+            run_lock(target, "vbon train"),
+        ):
+            pass
+        with pytest.raises(VbonError, match=rf"^train\.output_dir {target / 'sub'}: cannot create it \("):
+            prepare_output_dir(target / "sub")
+
+
+@pytest.mark.slow
+def test_cli_checks_the_output_dir_before_loading_anything(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "vbon_ds", "train", "--config", str(REPO / "launch" / "tldr_vbon.yaml"),
+         "--set", f"train.output_dir={out}", "--set", "logging.tensorboard=false"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"vbon: error: train.output_dir {out}: {tmp_path / 'file'} is a file, not a directory"
+    )
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_second_run_on_the_same_dir(tmp_path):
+    holder = hold_lock(tmp_path / "run")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "vbon_ds", "refcache", "--config", str(REPO / "launch" / "tldr_vbon.yaml"),
+             "--set", f"train.output_dir={tmp_path / 'run'}"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"is in use by vbon train (pid {holder.pid} on" in result.stderr.strip().splitlines()[-1]
+
+
+def test_sigint_asks_for_a_checkpoint_and_a_second_one_interrupts():
+    from vbon_ds.preemption import StopRequest
+
+    stop = StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_demo_output_dir_is_the_same_either_way_and_absolute(tmp_path, monkeypatch):
+    from vbon_ds.pipelines.demo import demo_config
+    from vbon_ds.refcache import fingerprint_from_config
+
+    monkeypatch.chdir(tmp_path)
+    by_set = demo_config("tiny", None, ["train.output_dir=runs/x", "train.steps=2"])
+    by_flag = demo_config("tiny", "runs/x", ["train.steps=2"])
+    assert by_set == by_flag
+    assert by_set.train.output_dir == str(tmp_path / "runs" / "x")
+    assert by_set.model.actor == str(tmp_path / "runs" / "x" / "model")
+    assert (tmp_path / "runs" / "x" / "model" / "config.json").is_file()
+    assert not (tmp_path / "runs" / "demo").exists()
+    assert Path(fingerprint_from_config(by_set)["reference"]).is_absolute()
+    with pytest.raises(VbonError, match=r"--output-dir runs/y and --set train.output_dir=runs/x disagree"):
+        demo_config("tiny", "runs/y", ["train.output_dir=runs/x"])
+
+
+def test_full_disk_while_writing_the_evaluation_names_the_file(tmp_path, monkeypatch):
+    from vbon_ds.config import load_config
+    from vbon_ds.pipelines.evaluate import EvalRow, write_report
+
+    real_write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "results.md":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    cfg = load_config(None, [f"train.output_dir={tmp_path}"])
+    with pytest.raises(
+        VbonError, match=rf"^no space left on device while writing {tmp_path}/eval/results\.md"
+    ):
+        write_report(cfg, [EvalRow("reference", None, 0.5, 0.0, 0.5)])

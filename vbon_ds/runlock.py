@@ -1,0 +1,95 @@
+"""One run per output directory, and an output directory that is usable before any work starts.
+
+`vbon train` and `vbon refcache` hold an advisory lock (fcntl.flock) on `<output_dir>/.vbon.lock` while they
+run. The operating system releases it when the process ends, however it ends, so a killed job's requeue is
+never blocked; a second run on the same directory stops at once, naming the holder (written into the file).
+Only rank 0 takes the lock; in a process group every rank raises the same error. Taking the lock creates
+the directory and a file in it, which is also the check that the directory is writable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch.distributed as dist
+
+from vbon_ds.errors import VbonError
+
+LOCK_FILE = ".vbon.lock"
+_held: dict[Path, list[int]] = {}  # directory -> [file descriptor, nesting depth] (the demo nests runs)
+
+
+def prepare_output_dir(output_dir: str | Path) -> Path:
+    """Create `output_dir` (and parents) or raise a one-line VbonError saying why it cannot be used."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise VbonError(f"train.output_dir {path}: {blocker} is a file, not a directory") from None
+    except OSError as err:
+        raise VbonError(f"train.output_dir {path}: cannot create it ({err.strerror})") from None
+    return path
+
+
+def _acquire(output_dir: str | Path, command: str) -> int:
+    path = prepare_output_dir(output_dir)
+    lock = path / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise VbonError(f"train.output_dir {path} is not writable ({err.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise VbonError(f"cannot lock {lock} ({err.strerror})") from None
+        raise VbonError(
+            f"train.output_dir {path} is in use by {holder}; wait for that run to end, or use another "
+            "train.output_dir"
+        ) from None
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{command} (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str | Path, command: str) -> Iterator[None]:
+    """Hold the output directory's lock for `command` (e.g. "vbon train") while the block runs.
+
+    Rank 0 takes it (RANK, or the process group's rank); nested use in one process is allowed.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    key = Path(output_dir).expanduser().resolve()
+    error = ""
+    if rank == 0:
+        try:
+            if key in _held:
+                _held[key][1] += 1
+            else:
+                _held[key] = [_acquire(output_dir, command), 1]
+        except VbonError as err:
+            error = str(err)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise VbonError(error)
+    try:
+        yield
+    finally:
+        if rank == 0:
+            _held[key][1] -= 1
+            if not _held[key][1]:
+                os.close(_held.pop(key)[0])  # closing the descriptor releases the lock

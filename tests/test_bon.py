@@ -206,6 +206,30 @@ def test_vbon_exact_direct_formula_and_relation_to_bound(n):
     torch.testing.assert_close(gap[~tied], torch.zeros_like(gap[~tied]), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [2, 8])
+def test_vbon_reward_gives_cut_off_answers_the_lowest_value(n):
+    # The cache holds cut-off reference answers at a fixed score (-1 here) among the others; a cut-off
+    # answer must still get the minimum of each estimator, not the F_hat of that fixed score.
+    refs = torch.tensor([[-3.0, -1.0, -1.0, 0.5, 2.0], [-1.0, 0.0, 1.0, 1.0, 4.0]], dtype=torch.float64)
+    m = refs.shape[1]
+    scores = torch.tensor([[-1.0, 3.0], [-1.0, 5.0]], dtype=torch.float64)
+    ended = torch.tensor([[False, True], [False, False]])
+    bound = vbon_reward(scores, refs, n, "bound", ended_with_eos=ended)
+    exact = vbon_reward(scores, refs, n, "exact", ended_with_eos=ended)
+    lowest = -math.log(m + 1)
+    torch.testing.assert_close(bound[~ended], torch.full((3,), lowest, dtype=torch.float64))
+    torch.testing.assert_close(
+        exact[~ended], torch.full((3,), lowest + math.log(n) / (n - 1), dtype=torch.float64)
+    )
+    # Answers that ended with EOS keep their reward, and nothing any answer can score is lower.
+    assert bound[0, 1] == 0.0 and exact[0, 1] == vbon_reward(scores, refs, n, "exact")[0, 1]
+    probes = torch.linspace(-10, 10, 41, dtype=torch.float64).expand(2, -1)
+    assert vbon_reward(probes, refs, n, "bound").min() >= lowest
+    assert vbon_reward(probes, refs, n, "exact").min() >= lowest + math.log(n) / (n - 1) - 1e-12
+    # Without the flag a cut-off answer scored -1 sits mid-distribution: above the bottom of F_hat.
+    assert vbon_reward(scores, refs, n, "bound")[0, 0] > lowest
+
+
 @pytest.mark.parametrize(
     "refs",
     [torch.tensor([1.0]), torch.tensor([2.0, 2.0, 2.0]), torch.tensor([-1e30, 0.0, 1e30])],

@@ -90,7 +90,7 @@ class RewardConfig:
     batch_size: int = bounded(16, 1)
     """Prompt+response pairs scored per reward-model forward."""
     missing_eos_score: float | None = None
-    """Score given to responses that end without EOS (TL;DR recipe); null keeps the model's score."""
+    """Raw score of answers cut off before EOS (null: the model's); vbon objectives give them min log F."""
 
 
 @dataclass

@@ -29,6 +29,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # launch/setup_env.sh adds openai-whisper for the tests (GPT-2's BPE ranks) with --no-deps.
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton"],
         "demo": ["gguf", "vaderSentiment"],
     },

@@ -17,6 +17,7 @@ from vbon_ds.config import GenerationConfig
 from vbon_ds.engines import distributed
 from vbon_ds.engines.policy import PolicyEngine, Rollout
 from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.tldr import fit_query
 
 
 def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:
@@ -106,7 +107,9 @@ def sample_and_score(
     temperature: float | None = None,
 ) -> ScoredRollout:
     """One answer per entry of `prompts` (repeat a prompt to get several), in generate calls of
-    gen.batch_size prompts, scored by the reward model or function."""
+    gen.batch_size prompts, scored by the reward model or function. A TL;DR query longer than
+    `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_query`), for both."""
+    prompts = [fit_query(text, tokenizer, max_prompt_tokens) for text in prompts]
     parts = []
     for start in range(0, len(prompts), gen.batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[start : start + gen.batch_size], max_prompt_tokens)

@@ -285,3 +285,24 @@ def test_cached_estimators_agree_with_the_exact_bon_distribution():
     win = (bon * (below + tied / 2)).sum().item()
     assert bon_win_rate(cache, n).item() == pytest.approx(win, abs=0.005)
     assert win < n / (n + 1)  # ties cost BoN some wins
+
+
+def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
+    from vbon_ds.config import load_config
+    from vbon_ds.pipelines.train import objective_reward
+
+    refs = torch.tensor([[-2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 2.0, 5.0]])
+    scores = torch.tensor([-1.0, 3.0])  # the first answer was cut off and carries missing_eos_score = -1
+    ended = torch.tensor([False, True])
+
+    def reward(*overrides: str) -> torch.Tensor:
+        cfg = load_config(None, ["vbon.n=4", "vbon.beta=0.1", *overrides])
+        return objective_reward(cfg, scores, refs, ended)
+
+    assert reward("vbon.objective=kl_rl", "reward.missing_eos_score=-1").tolist() == [-1.0, 3.0]
+    lowest = -math.log(5)
+    torch.testing.assert_close(reward("reward.missing_eos_score=-1"), torch.tensor([lowest, math.log(4 / 5)]))
+    exact = reward("vbon.objective=vbon_exact", "reward.missing_eos_score=-1")
+    assert math.isclose(exact[0].item(), lowest + math.log(4) / 3, rel_tol=1e-6)
+    # Without missing_eos_score no answer is treated specially: -1 ties a cached reward (F_hat = 2/5).
+    torch.testing.assert_close(reward()[0], torch.tensor(math.log(2 / 5)))

@@ -148,14 +148,18 @@ def test_reward_is_read_at_the_eos_of_answers_that_ended_with_it(neox_reward_mod
     lengths = mask.sum(1)
     assert ids[0, lengths[0] - 1] == tok.eos_token_id and ids[1, lengths[1] - 1] != tok.eos_token_id
     assert ids[0, : lengths[0] - 1].tolist() == tok(texts[0]).input_ids and lengths[1] < lengths[0]
+    caches = []
+    hook = classifier.base_model.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
     with torch.no_grad():
         scores = LastTokenReward(classifier)(ids, mask)
+        hook.remove()
         hf_pooled = classifier(input_ids=ids, attention_mask=mask).logits[:, 0]
         classifier.config.pad_token_id = None  # one unpadded row: the classifier reads its last token
         want = torch.cat(
             [classifier(input_ids=ids[i : i + 1, :n]).logits[:, 0] for i, n in enumerate(lengths)]
         )
     torch.testing.assert_close(scores, want)
+    assert caches == [None]  # reward (and critic) forwards build no KV cache
     # Pooling by pad id (pad == EOS) skips the appended EOS and reads the word before it.
     assert not torch.isclose(hf_pooled[0], want[0]) and torch.isclose(hf_pooled[1], want[1])
 

@@ -17,8 +17,10 @@ setup(
     install_requires=[
         # torch is installed first by launch/setup_env.sh (pinned CPU build on CPU machines).
         "torch>=2.3",
+        # deepspeed.runtime.zero.stage3.unwrap_model_for_generation (gather once per generate) came in 0.14.4.
         "deepspeed>=0.15",
-        "transformers>=4.46",
+        # from_pretrained(dtype=...): before 4.56 the keyword was torch_dtype and `dtype` was silently ignored.
+        "transformers>=4.56",
         "datasets>=3.0",
         "accelerate>=0.34",
         "peft>=0.21",  # LoRA (model.lora_rank); tested with 0.21.2
@@ -30,6 +32,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # launch/setup_env.sh adds openai-whisper for the tests (GPT-2's BPE ranks) with --no-deps.
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton"],
         "demo": ["gguf", "vaderSentiment"],
     },

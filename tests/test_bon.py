@@ -206,6 +206,30 @@ def test_vbon_exact_direct_formula_and_relation_to_bound(n):
     torch.testing.assert_close(gap[~tied], torch.zeros_like(gap[~tied]), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [2, 8])
+def test_vbon_reward_gives_cut_off_answers_the_lowest_value(n):
+    # The cache holds cut-off reference answers at a fixed score (-1 here) among the others; a cut-off
+    # answer must still get the minimum of each estimator, not the F_hat of that fixed score.
+    refs = torch.tensor([[-3.0, -1.0, -1.0, 0.5, 2.0], [-1.0, 0.0, 1.0, 1.0, 4.0]], dtype=torch.float64)
+    m = refs.shape[1]
+    scores = torch.tensor([[-1.0, 3.0], [-1.0, 5.0]], dtype=torch.float64)
+    ended = torch.tensor([[False, True], [False, False]])
+    bound = vbon_reward(scores, refs, n, "bound", ended_with_eos=ended)
+    exact = vbon_reward(scores, refs, n, "exact", ended_with_eos=ended)
+    lowest = -math.log(m + 1)
+    torch.testing.assert_close(bound[~ended], torch.full((3,), lowest, dtype=torch.float64))
+    torch.testing.assert_close(
+        exact[~ended], torch.full((3,), lowest + math.log(n) / (n - 1), dtype=torch.float64)
+    )
+    # Answers that ended with EOS keep their reward, and nothing any answer can score is lower.
+    assert bound[0, 1] == 0.0 and exact[0, 1] == vbon_reward(scores, refs, n, "exact")[0, 1]
+    probes = torch.linspace(-10, 10, 41, dtype=torch.float64).expand(2, -1)
+    assert vbon_reward(probes, refs, n, "bound").min() >= lowest
+    assert vbon_reward(probes, refs, n, "exact").min() >= lowest + math.log(n) / (n - 1) - 1e-12
+    # Without the flag a cut-off answer scored -1 sits mid-distribution: above the bottom of F_hat.
+    assert vbon_reward(scores, refs, n, "bound")[0, 0] > lowest
+
+
 @pytest.mark.parametrize(
     "refs",
     [torch.tensor([1.0]), torch.tensor([2.0, 2.0, 2.0]), torch.tensor([-1e30, 0.0, 1e30])],
@@ -261,3 +285,24 @@ def test_cached_estimators_agree_with_the_exact_bon_distribution():
     win = (bon * (below + tied / 2)).sum().item()
     assert bon_win_rate(cache, n).item() == pytest.approx(win, abs=0.005)
     assert win < n / (n + 1)  # ties cost BoN some wins
+
+
+def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
+    from vbon_ds.config import load_config
+    from vbon_ds.pipelines.train import objective_reward
+
+    refs = torch.tensor([[-2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 2.0, 5.0]])
+    scores = torch.tensor([-1.0, 3.0])  # the first answer was cut off and carries missing_eos_score = -1
+    ended = torch.tensor([False, True])
+
+    def reward(*overrides: str) -> torch.Tensor:
+        cfg = load_config(None, ["vbon.n=4", "vbon.beta=0.1", *overrides])
+        return objective_reward(cfg, scores, refs, ended)
+
+    assert reward("vbon.objective=kl_rl", "reward.missing_eos_score=-1").tolist() == [-1.0, 3.0]
+    lowest = -math.log(5)
+    torch.testing.assert_close(reward("reward.missing_eos_score=-1"), torch.tensor([lowest, math.log(4 / 5)]))
+    exact = reward("vbon.objective=vbon_exact", "reward.missing_eos_score=-1")
+    assert math.isclose(exact[0].item(), lowest + math.log(4) / 3, rel_tol=1e-6)
+    # Without missing_eos_score no answer is treated specially: -1 ties a cached reward (F_hat = 2/5).
+    torch.testing.assert_close(reward()[0], torch.tensor(math.log(2 / 5)))

@@ -21,9 +21,10 @@ from vbon_ds.engines.builders import build_critic, build_reference, build_reward
 from vbon_ds.engines.checkpoint import latest_checkpoint, load_checkpoint, step_dirs
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.engines.plan import memory_plan
-from vbon_ds.engines.policy import finish_rollout
-from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.engines.policy import checkpoint_settings_ignored, finish_rollout, sampling_config
+from vbon_ds.engines.reward import LastTokenReward, RewardScorer, reward_inputs
 from vbon_ds.errors import VbonError
+from vbon_ds.models import load_reward_model, load_tokenizer
 from vbon_ds.rewards import get_reward_function, register_reward, reward_names, vowel_ratio
 from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_reward_model, make_tiny_tokenizer
 
@@ -35,21 +36,63 @@ def test_finish_rollout_masks_after_first_eos_and_pads():
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [1, 1, 1]])
     responses = torch.tensor([[5, EOS, PAD, PAD], [6, 7, 8, 9], [EOS, PAD, PAD, PAD]])
     sequences = torch.cat([torch.tensor([[PAD, 3, 4], [3, 4, 5], [4, 4, 4]]), responses], dim=1)
-    logits = [torch.randn(3, 11) for _ in range(4)]
-    rollout = finish_rollout(
-        sequences, prompt_mask, logits, eos_ids=[EOS], pad_id=PAD, temperature=0.5, response_length=6
-    )
+    rollout = finish_rollout(sequences, prompt_mask, eos_ids=[EOS], pad_id=PAD, response_length=6)
     assert rollout.prompt_length == 3
     assert rollout.response_mask.tolist() == [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]]
     assert rollout.ended_with_eos.tolist() == [True, False, True]
     assert rollout.responses.tolist()[1] == [6, 7, 8, 9, PAD, PAD]
     assert torch.equal(rollout.attention_mask, torch.cat([prompt_mask, rollout.response_mask], dim=1))
-    want = torch.stack([torch.log_softmax(step / 0.5, -1) for step in logits], 1).gather(
-        -1, responses[..., None]
+
+
+def _leaky_checkpoint(tmp_path: Path) -> Path:
+    """A tiny LM whose generation_config.json would bend sampling away from softmax(logits / T)."""
+    path = make_tiny_causal_lm(tmp_path / "leaky")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.generation_config.update(
+        do_sample=True,
+        repetition_penalty=1.3,
+        min_p=0.05,
+        no_repeat_ngram_size=1,
+        top_k=3,
+        typical_p=0.5,
+        temperature=2.0,
+        suppress_tokens=[5, 6],
     )
-    assert torch.allclose(rollout.sampling_logprobs[:, :4], want[..., 0] * rollout.response_mask[:, :4])
-    assert rollout.sampling_logprobs.dtype == torch.float32
-    assert (rollout.sampling_logprobs[rollout.response_mask == 0] == 0).all()
+    model.generation_config.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_sampling_uses_only_our_settings(tmp_path, top_k):
+    path = _leaky_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert model.generation_config.repetition_penalty == 1.3 and model.generation_config.min_p == 0.05
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    prompt = tok(["the movie was great and the movie"], return_tensors="pt")
+    config = sampling_config(
+        temperature=0.7, top_p=1.0, top_k=top_k, max_new_tokens=8, min_new_tokens=8, eos_ids=[], pad_id=0
+    )
+    config.update(output_scores=True, return_dict_in_generate=True)  # the processed scores, for the check
+
+    def processed_and_wanted() -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        out = model.generate(**prompt, generation_config=config)
+        with torch.no_grad():
+            logits = model(out.sequences).logits[:, prompt.input_ids.shape[1] - 1 : -1] / 0.7
+        if top_k:  # only the top k survive, unchanged
+            kth = logits.topk(top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        return torch.stack(out.scores, dim=1), logits
+
+    with checkpoint_settings_ignored(model):
+        scores, want = processed_and_wanted()
+    torch.testing.assert_close(scores, want, atol=1e-5, rtol=1e-5)
+    assert model.generation_config.repetition_penalty == 1.3  # restored afterwards
+    # Without the guard transformers fills the settings a call leaves unset (here suppress_tokens; in
+    # transformers 4.x also those left at their defaults) from the checkpoint: the check above sees it.
+    if not top_k:
+        scores, want = processed_and_wanted()
+        assert scores[..., 5:7].isneginf().all() and not want[..., 5:7].isneginf().any()
 
 
 def test_lr_factor_warmup_then_cosine_or_constant():
@@ -85,6 +128,41 @@ def test_scorer_with_function_and_missing_eos_score():
     scores = scorer.score(["p", "p"], ["aa", "ab"], ended_with_eos=torch.tensor([True, False]))
     assert scores.dtype == torch.float32 and scores.tolist() == [1.0, -1.0]
     assert RewardScorer(function=vowel_ratio).score(["p"], ["ab"]).tolist() == [0.5]
+
+
+@pytest.fixture(scope="module")
+def neox_reward_model(tmp_path_factory) -> Path:
+    """A Pythia-style reward model: GPT-NeoX classifier, GPT-2's 50k BPE, EOS but no pad token."""
+    return make_tiny_reward_model(tmp_path_factory.mktemp("rm") / "neox", "gpt_neox", tokenizer="gpt2")
+
+
+def test_reward_is_read_at_the_eos_of_answers_that_ended_with_it(neox_reward_model):
+    tok = load_tokenizer(str(neox_reward_model))
+    assert tok.pad_token_id == tok.eos_token_id  # Pythia has no pad token: the loader pads with EOS
+    classifier = load_reward_model(str(neox_reward_model), dtype=torch.float32).eval()
+    classifier.config.pad_token_id = tok.pad_token_id  # as build_reward sets it
+    texts = [
+        "SUBREDDIT: r/cats\n\nTITLE: My cat\n\nPOST: She sleeps all day.\n\nTL;DR: a sleepy cat",
+        "TL;DR: no",
+    ]
+    ids, mask = reward_inputs(tok, texts, [True, False])
+    lengths = mask.sum(1)
+    assert ids[0, lengths[0] - 1] == tok.eos_token_id and ids[1, lengths[1] - 1] != tok.eos_token_id
+    assert ids[0, : lengths[0] - 1].tolist() == tok(texts[0]).input_ids and lengths[1] < lengths[0]
+    caches = []
+    hook = classifier.base_model.register_forward_hook(lambda m, a, out: caches.append(out.past_key_values))
+    with torch.no_grad():
+        scores = LastTokenReward(classifier)(ids, mask)
+        hook.remove()
+        hf_pooled = classifier(input_ids=ids, attention_mask=mask).logits[:, 0]
+        classifier.config.pad_token_id = None  # one unpadded row: the classifier reads its last token
+        want = torch.cat(
+            [classifier(input_ids=ids[i : i + 1, :n]).logits[:, 0] for i, n in enumerate(lengths)]
+        )
+    torch.testing.assert_close(scores, want)
+    assert caches == [None]  # reward (and critic) forwards build no KV cache
+    # Pooling by pad id (pad == EOS) skips the appended EOS and reads the word before it.
+    assert not torch.isclose(hf_pooled[0], want[0]) and torch.isclose(hf_pooled[1], want[1])
 
 
 def test_collectives_without_a_process_group():

@@ -137,7 +137,13 @@ def log_cdf_ties(rewards: Tensor, ref_rewards: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-def vbon_reward(rewards: Tensor, ref_rewards: Tensor, n: int, estimator: str = "bound") -> Tensor:
+def vbon_reward(
+    rewards: Tensor,
+    ref_rewards: Tensor,
+    n: int,
+    estimator: str = "bound",
+    ended_with_eos: Tensor | None = None,
+) -> Tensor:
     """Per-sample vBoN reward, to be maximised with KL coefficient beta = vbon_beta(n) = 1/(N-1).
 
     - "bound": log F_hat(r), the paper's estimator. Maximising E[log F] - KL/(N-1) minimises the upper
@@ -147,9 +153,15 @@ def vbon_reward(rewards: Tensor, ref_rewards: Tensor, n: int, estimator: str = "
       It is >= bound + log(N)/(N-1), with equality when no reference reward ties r: then it only shifts
       the bound by a constant, and the two differ for rewards with ties (lexicons, pass/fail).
       Finite for every input, M = 1 and all-tied references included.
+    With `ended_with_eos` (bool, the shape of `rewards`), an answer cut off before EOS gets the lowest value
+    the estimator can take, as if its reward were below every reference reward: -log(M + 1) for "bound",
+    -log(M + 1) + log(N)/(N-1) for "exact". (A fixed low raw reward would land mid-distribution among the
+    reference rewards, and so would not be a penalty under log F.)
     Shapes as in `log_cdf`.
     """
     _check_n(n, minimum=2)
+    if ended_with_eos is not None:
+        rewards = torch.where(ended_with_eos.bool(), rewards, torch.full_like(rewards, -math.inf))
     if estimator == "bound":
         return log_cdf(rewards, ref_rewards)
     if estimator != "exact":

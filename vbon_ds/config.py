@@ -84,8 +84,10 @@ class DataConfig:
     """Split used for evaluation prompts."""
     prompt_column: str = "prompt"
     """Column holding the prompt text."""
+    format: str = choice("auto", "auto", "plain", "tldr")
+    """tldr: Reddit posts as SUBREDDIT/TITLE/POST/TL;DR: queries; auto: tldr when the rows are TL;DR posts."""
     max_prompt_tokens: int = bounded(512, 1)
-    """Prompts are truncated on the left to this many tokens."""
+    """Longer prompts lose their start (a TL;DR query: the end of its post, cut at a newline)."""
     max_train_prompts: int = bounded(0, 0)
     """Use at most this many training prompts (0 = all)."""
     max_eval_prompts: int = bounded(0, 0)
@@ -101,7 +103,7 @@ class RewardConfig:
     batch_size: int = bounded(16, 1)
     """Prompt+response pairs scored per reward-model forward."""
     missing_eos_score: float | None = None
-    """Score given to responses that end without EOS (TL;DR recipe); null keeps the model's score."""
+    """Raw score of answers cut off before EOS (null: the model's); vbon objectives give them min log F."""
 
 
 @dataclass

@@ -12,6 +12,10 @@ its rows have a `split` column, each role takes the rows whose `split` equals `d
 `data.eval_split`; otherwise the last tenth of the rows (at least one) is the evaluation set and the rest
 is the training set, so the two never overlap.
 
+`data.format` reads Reddit TL;DR data (vbon_ds/tldr.py): with `tldr`, or `auto` and rows that have
+`subreddit`/`title`/`post` columns or whose prompt column (else `query`) holds TL;DR queries, each prompt
+is the OpenAI-style query "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" built from the row.
+
 Each prompt gets a stable id: the `id` column when the rows have one, else a hash of the prompt text; a
 repeated id gets "#1", "#2", ... by order of appearance. The reference cache is keyed by these ids.
 """
@@ -31,6 +35,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vbon_ds import tldr
 from vbon_ds.config import DataConfig
 from vbon_ds.errors import VbonError
 
@@ -61,8 +66,10 @@ def load_prompts(data: DataConfig, role: Literal["train", "eval"]) -> PromptSet:
     split = _split_name(data, role)
     limit = data.max_train_prompts if role == "train" else data.max_eval_prompts
     tables, unsplit = _split_tables(data, role)
+    tldr_tables = {id(t) for t in tables if _is_tldr(t, data)}
     for table in tables:
-        if table.num_rows:  # an empty file has no columns either; it gets the "no prompts" message below
+        # An empty file has no columns either; it gets the "no prompts" message below.
+        if table.num_rows and id(table) not in tldr_tables:
             _require_column(table.columns, data.prompt_column, table.name)
     rows = _rows_by_convention(tables, data, role) if unsplit else _all_rows(tables)
     if not rows:
@@ -76,7 +83,11 @@ def load_prompts(data: DataConfig, role: Literal["train", "eval"]) -> PromptSet:
     texts, raw_ids = [], []
     for table, i in rows:
         where = f"{table.name}, split {split!r}, row {i}"
-        texts.append(_checked_prompt(table.columns[data.prompt_column][i], where))
+        if id(table) in tldr_tables:
+            row = {name: values[i] for name, values in table.columns.items()}
+            texts.append(tldr.query_from_row(row, data.prompt_column, where))
+        else:
+            texts.append(_checked_prompt(table.columns[data.prompt_column][i], where))
         raw_ids.append(_raw_id(table, i, texts[-1], where))
     return PromptSet(split=split, ids=_disambiguate(raw_ids), texts=texts)
 
@@ -198,8 +209,10 @@ def _dataset_splits(obj: Any, name: str, data: DataConfig) -> dict[str, Callable
 
 def _dataset_table(ds: Any, name: str, data: DataConfig) -> _Table:
     # Check before selecting, so the message can list every column the data set has.
-    _require_column(ds.column_names, data.prompt_column, name)
-    keep = [c for c in (data.prompt_column, ID_COLUMN, SPLIT_COLUMN) if c in ds.column_names]
+    if data.format == "plain" or not any(c in ds.column_names for c in tldr.COLUMNS):
+        _require_column(ds.column_names, data.prompt_column, name)
+    wanted = (data.prompt_column, ID_COLUMN, SPLIT_COLUMN, *tldr.COLUMNS)
+    keep = [c for c in dict.fromkeys(wanted) if c in ds.column_names]
     return _Table(name, ds.select_columns(keep).to_dict())
 
 
@@ -300,6 +313,12 @@ _READERS: dict[str, Callable[[Path], dict[str, list[Any]]]] = {
 
 
 # ---------------------------------------------------------------- rows, checks and ids
+
+
+def _is_tldr(table: _Table, data: DataConfig) -> bool:
+    if data.format == "auto":
+        return bool(table.num_rows) and tldr.is_tldr(table.columns, data.prompt_column)
+    return data.format == "tldr"
 
 
 def _split_name(data: DataConfig, role: str) -> str:

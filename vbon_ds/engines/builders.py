@@ -35,7 +35,7 @@ from vbon_ds.engines.critic import CriticEngine, TokenValueModel
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
 from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine
-from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.engines.reward import LastTokenReward, RewardScorer
 from vbon_ds.errors import VbonError
 from vbon_ds.models import (
     check_same_vocab,
@@ -255,15 +255,17 @@ def build_reward(cfg: ExperimentConfig, sizes: BatchSizes) -> RewardScorer:
         raise VbonError("reward: set reward.model (a 1-output classifier) or reward.function (a rule)")
     trust = cfg.model.trust_remote_code
     tokenizer = load_tokenizer(cfg.reward.model, trust_remote_code=trust)
-    # Right padding keeps positions correct without position ids; cut the prompt's start, never the answer.
+    # Right padding: the score is read where the mask ends; cut the prompt's start, never the answer.
     tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
 
     def load(*, dtype: torch.dtype) -> PreTrainedModel:
         model = load_reward_model(cfg.reward.model, dtype=dtype, trust_remote_code=trust)
-        model.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools at the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id  # encoders' forward wants one; never pooled on
         return model
 
-    engine, hf_ds_config = _initialize(cfg, sizes, cfg.reward.model, load, trainable=False)
+    engine, hf_ds_config = _initialize(
+        cfg, sizes, cfg.reward.model, load, trainable=False, wrap=LastTokenReward
+    )
     return RewardScorer(
         model=DeepSpeedModel(engine, hf_ds_config, trainable=False),
         tokenizer=tokenizer,

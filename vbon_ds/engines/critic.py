@@ -26,11 +26,20 @@ class TokenValueModel(torch.nn.Module):
         self.classifier = classifier
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        trunk = self.classifier.base_model
-        hidden = trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).last_hidden_state
-        return self.classifier.score(hidden)[..., 0]
+        return token_scores(self.classifier, input_ids, attention_mask)
+
+
+def token_scores(
+    classifier: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """[B, T] a decoder classifier's 1-output `score` head at every position (no KV cache is built)."""
+    hidden = classifier.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return classifier.score(hidden)[..., 0]
 
 
 class CriticEngine(DeepSpeedModel):

@@ -43,8 +43,6 @@ class Rollout:
     """P: prompt positions (the response starts at this column)."""
     ended_with_eos: torch.Tensor
     """[B] bool: the response stopped at EOS (False: cut at max_new_tokens)."""
-    sampling_logprobs: torch.Tensor
-    """[B, R] float32 log softmax(logits / temperature) of each sampled token, computed while sampling."""
 
     @property
     def responses(self) -> torch.Tensor:
@@ -55,32 +53,18 @@ class Rollout:
 def finish_rollout(
     sequences: torch.Tensor,
     prompt_mask: torch.Tensor,
-    step_logits: list[torch.Tensor],
     *,
     eos_ids: list[int],
     pad_id: int,
-    temperature: float,
     response_length: int,
 ) -> Rollout:
-    """Masks and sampling log-probs of `generate`'s output, padded to `response_length` response tokens.
-
-    `step_logits[t]` are the raw [B, V] logits that produced response token t.
-    """
-    from vbon_ds.kernels import token_logprobs
-
+    """Masks of `generate`'s output, padded to `response_length` response tokens."""
     prompt_length = prompt_mask.shape[1]
     response = sequences[:, prompt_length:]
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
     # Tokens after the first EOS are padding that `generate` appended while other rows were still going.
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~after_eos).long()
-    if step_logits:
-        logits = torch.stack(step_logits, dim=1)
-        labels = response.masked_fill(after_eos, -100)
-        logprobs = token_logprobs(logits, labels, temperature).masked_fill(after_eos, 0.0)
-    else:
-        logprobs = torch.zeros(response.shape, dtype=torch.float32, device=response.device)
-
     pad = response_length - response.shape[1]
     response = torch.nn.functional.pad(response, (0, pad), value=pad_id)
     response_mask = torch.nn.functional.pad(response_mask, (0, pad), value=0)
@@ -90,8 +74,67 @@ def finish_rollout(
         response_mask=response_mask,
         prompt_length=prompt_length,
         ended_with_eos=is_eos.any(dim=1),
-        sampling_logprobs=torch.nn.functional.pad(logprobs.float(), (0, pad), value=0.0),
     )
+
+
+def sampling_config(
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+) -> GenerationConfig:
+    """Every setting that shapes the next-token distribution, from our settings only: tokens are drawn from
+    softmax(logits / temperature), restricted to the top-k / top-p set only when those are on, which is the
+    distribution every log-prob, KL and BoN formula assumes. Use it under `checkpoint_settings_ignored`."""
+    return GenerationConfig(
+        do_sample=True,
+        num_beams=1,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        sequence_bias=None,
+        exponential_decay_length_penalty=None,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        num_return_sequences=1,
+    )
+
+
+@contextlib.contextmanager
+def checkpoint_settings_ignored(model: torch.nn.Module) -> Iterator[None]:
+    """Hide the checkpoint's generation_config.json from `generate` for the duration.
+
+    transformers fills every setting a call leaves unset (and, in some versions, every setting left at its
+    default) from `model.generation_config`, so a checkpoint's repetition_penalty or min_p would otherwise
+    reach our rollouts; a blank config there leaves only the settings we pass.
+    """
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @contextlib.contextmanager
@@ -148,18 +191,14 @@ class PolicyEngine(DeepSpeedModel):
         gather_params: bool = True,
     ) -> Rollout:
         """Sample one response per prompt row (collective under ZeRO-3: call on every rank)."""
-        config = GenerationConfig(
-            do_sample=True,
+        config = sampling_config(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
         )
         synced = self.zero3 and not gather_params and distributed.world_size() > 1
         was_training = self.module.training
@@ -167,8 +206,8 @@ class PolicyEngine(DeepSpeedModel):
         self.module.eval()
         gather = self.unsharded() if gather_params else contextlib.nullcontext()
         try:
-            with gather:
-                out = self.module.generate(
+            with gather, checkpoint_settings_ignored(self.module):
+                sequences = self.module.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_attention_mask,
                     generation_config=config,
@@ -176,14 +215,12 @@ class PolicyEngine(DeepSpeedModel):
                 )
         finally:
             self.module.train(was_training)
-        generated = out.sequences.shape[1] - prompt_ids.shape[1]
+        generated = sequences.shape[1] - prompt_ids.shape[1]
         return finish_rollout(
-            out.sequences,
+            sequences,
             prompt_attention_mask,
-            list(out.logits),
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
-            temperature=temperature,
             response_length=distributed.all_reduce_max(generated),
         )
 

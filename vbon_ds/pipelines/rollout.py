@@ -17,6 +17,7 @@ from vbon_ds.config import GenerationConfig
 from vbon_ds.engines import distributed
 from vbon_ds.engines.policy import PolicyEngine, Rollout
 from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.tldr import fit_query
 
 
 def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:
@@ -51,7 +52,7 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         return parts[0]
     prompt_len = max(p.prompt_length for p in parts)
     response_len = max(p.responses.shape[1] for p in parts)
-    fields: dict[str, list[torch.Tensor]] = {"seq": [], "mask": [], "resp_mask": [], "logp": []}
+    fields: dict[str, list[torch.Tensor]] = {"seq": [], "mask": [], "resp_mask": []}
     for part in parts:
         left = prompt_len - part.prompt_length
         right = response_len - part.responses.shape[1]
@@ -64,14 +65,12 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         fields["seq"].append(torch.cat([prompt_ids, responses], dim=1))
         fields["mask"].append(torch.cat([prompt_mask, response_mask], dim=1))
         fields["resp_mask"].append(response_mask)
-        fields["logp"].append(torch.nn.functional.pad(part.sampling_logprobs, (0, right), value=0.0))
     return Rollout(
         sequences=torch.cat(fields["seq"]),
         attention_mask=torch.cat(fields["mask"]),
         response_mask=torch.cat(fields["resp_mask"]),
         prompt_length=prompt_len,
         ended_with_eos=torch.cat([p.ended_with_eos for p in parts]),
-        sampling_logprobs=torch.cat(fields["logp"]),
     )
 
 
@@ -94,7 +93,7 @@ class ScoredRollout:
     rollout: Rollout
     texts: list[str]
     scores: torch.Tensor
-    """[B] float32 raw rewards (missing_eos_score applied)."""
+    """[B] float32 raw rewards (missing_eos_score applied; answers that ended with EOS scored with it)."""
 
 
 def sample_and_score(
@@ -108,7 +107,9 @@ def sample_and_score(
     temperature: float | None = None,
 ) -> ScoredRollout:
     """One answer per entry of `prompts` (repeat a prompt to get several), in generate calls of
-    gen.batch_size prompts, scored by the reward model or function."""
+    gen.batch_size prompts, scored by the reward model or function. A TL;DR query longer than
+    `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_query`), for both."""
+    prompts = [fit_query(text, tokenizer, max_prompt_tokens) for text in prompts]
     parts = []
     for start in range(0, len(prompts), gen.batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[start : start + gen.batch_size], max_prompt_tokens)

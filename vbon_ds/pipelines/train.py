@@ -55,13 +55,18 @@ def objective_beta(cfg: ExperimentConfig) -> float:
 
 
 def objective_reward(
-    cfg: ExperimentConfig, scores: torch.Tensor, ref_rewards: torch.Tensor | None
+    cfg: ExperimentConfig,
+    scores: torch.Tensor,
+    ref_rewards: torch.Tensor | None,
+    ended_with_eos: torch.Tensor,
 ) -> torch.Tensor:
-    """The scalar each answer is credited with: raw r (kl_rl) or a vBoN reward from the cached rewards."""
+    """The scalar each answer is credited with: raw r (kl_rl, reward.missing_eos_score already in it) or a
+    vBoN reward from the cached rewards (with missing_eos_score set, cut-off answers get the lowest one)."""
     if cfg.vbon.objective == "kl_rl":
         return scores
     estimator = "bound" if cfg.vbon.objective == "vbon" else "exact"
-    return bon.vbon_reward(scores, ref_rewards, cfg.vbon.n, estimator)
+    cut_off = ended_with_eos if cfg.reward.missing_eos_score is not None else None
+    return bon.vbon_reward(scores, ref_rewards, cfg.vbon.n, estimator, ended_with_eos=cut_off)
 
 
 @dataclass
@@ -213,7 +218,7 @@ class Trainer:
                 f"reward is not finite for {named}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             )
         ref_rewards = self.cache.rewards_for(ids).to(scores.device) if self.cache is not None else None
-        reward = objective_reward(cfg, scores, ref_rewards)
+        reward = objective_reward(cfg, scores, ref_rewards, rollout.ended_with_eos)
 
         t0 = time.perf_counter()
         size, temperature = cfg.train.micro_batch_size, cfg.generation.temperature

@@ -1,6 +1,6 @@
 """Engines: rollout bookkeeping, LR schedule, reward scoring, checkpoint pointers, config errors (in process),
-and the engine checks of tests/dist/engines_check.py: ZeRO-3 in 2 processes, and a ZeRO-2 actor (ZeRO-3 frozen
-models) in a launcher-less world of one."""
+and the engine checks of tests/dist/engines_check.py: ZeRO-3 in 2 processes; in a launcher-less world of one,
+the zero3 config at stage 0, and a forced ZeRO-2 actor with ZeRO-3 frozen models."""
 
 import itertools
 import json
@@ -123,11 +123,11 @@ def test_config_errors_before_any_engine_is_built(tmp_path):
         )
 
 
-def _run_engine_checks(tmp_path: Path, launcher: list[str], ds_config: str) -> dict:
+def _run_engine_checks(tmp_path: Path, launcher: list[str], ds_config: str, *overrides: str) -> dict:
     make_tiny_causal_lm(tmp_path / "actor")
     make_tiny_reward_model(tmp_path / "reward")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [*launcher, str(REPO / "tests" / "dist" / "engines_check.py"), str(tmp_path), ds_config]
+    cmd = [*launcher, str(REPO / "tests" / "dist" / "engines_check.py"), str(tmp_path), ds_config, *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -156,6 +156,14 @@ def test_zero3_engines_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero2_actor_without_launcher(tmp_path):
-    results = _run_engine_checks(tmp_path, [sys.executable], "zero2")
+def test_world_of_one_runs_zero3_config_at_stage_0(tmp_path):
+    results = _run_engine_checks(tmp_path, [sys.executable], "zero3")
     assert results["world_size"] == 1 and results["train_max_weight_diff"] < 1e-5
+    assert results["stages"] == {"actor": 0, "reference": 0, "reward": 0}
+
+
+@pytest.mark.slow
+def test_forced_zero2_actor_without_launcher(tmp_path):
+    results = _run_engine_checks(tmp_path, [sys.executable], "zero2", "deepspeed.force_stage=true")
+    assert results["world_size"] == 1 and results["train_max_weight_diff"] < 1e-5
+    assert results["stages"] == {"actor": 2, "reference": 3, "reward": 3}

@@ -93,6 +93,31 @@ def test_collectives_without_a_process_group():
     assert distributed.all_reduce_max(7) == 7
 
 
+def test_threads_per_rank_share_the_cores_unless_the_user_chose():
+    assert distributed.threads_per_rank(16, 4, None) == 4
+    assert distributed.threads_per_rank(2, 2, "") == 1
+    assert distributed.threads_per_rank(2, 8, None) == 1  # more ranks than cores: one thread each
+    assert distributed.threads_per_rank(16, 4, "3") is None  # OMP_NUM_THREADS set: torch follows it
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({"LOCAL_SIZE": "3", "LOCAL_WORLD_SIZE": "5"}, 3),
+        ({"LOCAL_WORLD_SIZE": "5", "WORLD_SIZE": "10"}, 5),
+        ({"SLURM_TASKS_PER_NODE": "4(x2)", "WORLD_SIZE": "8"}, 4),
+        ({"WORLD_SIZE": "6"}, 6),
+        ({}, 1),
+    ],
+)
+def test_local_world_size_from_the_launcher(monkeypatch, env, want):
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_TASKS_PER_NODE", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.local_world_size() == want
+
+
 def test_checkpoint_pointers(tmp_path):
     assert latest_checkpoint(tmp_path) is None and step_dirs(tmp_path / "absent") == []
     (tmp_path / "step_00000003").mkdir()

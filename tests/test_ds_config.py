@@ -7,7 +7,7 @@ import pytest
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ConfigError, load_config
 from vbon_ds.engines import ds_config
-from vbon_ds.engines.ds_config import DS_CONFIG_DIR, fill_ds_config, load_ds_template
+from vbon_ds.engines.ds_config import CPU_REDUCE_BUCKET, DS_CONFIG_DIR, fill_ds_config, load_ds_template
 
 
 def test_batch_sizes_arithmetic():
@@ -64,7 +64,7 @@ def test_templates_fill_completely_on_cpu(name):
     assert params["lr"] == 2e-5 and params["weight_decay"] == 0.01 and params["betas"] == [0.9, 0.95]
     assert params["torch_adam"] is True  # no JIT-compiled CPU Adam on CPU
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_optimization"]["reduce_bucket_size"] == CPU_REDUCE_BUCKET  # not the GPU default 64^2
 
 
 def test_gpu_uses_bf16_and_fused_adam():
@@ -158,7 +158,7 @@ def test_configured_stage_is_kept(name, world, overrides):
     template = load_ds_template(name)
     ds = fill_ds_config(template, cfg, batch_sizes(cfg, world), on_gpu=False, hidden_size=64)
     assert ds["zero_optimization"]["stage"] == template["zero_optimization"]["stage"]
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_optimization"]["reduce_bucket_size"] == CPU_REDUCE_BUCKET  # not the GPU default 64^2
 
 
 def test_frozen_models_alone_keep_zero3_when_offloaded():
@@ -166,3 +166,11 @@ def test_frozen_models_alone_keep_zero3_when_offloaded():
     ds = fill_ds_config(load_ds_template("zero3"), cfg, batch_sizes(cfg, 1), on_gpu=False, trainable=False)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_reduce_bucket_is_hidden_squared_on_gpu_and_large_on_cpu():
+    cfg = load_config(None, ["train.prompts_per_step=8"])
+    sizes = batch_sizes(cfg, 2)
+    for on_gpu, hidden, want in ((True, 64, 64 * 64), (False, 64, CPU_REDUCE_BUCKET), (False, 10_000, 10**8)):
+        ds = fill_ds_config(load_ds_template("zero3"), cfg, sizes, on_gpu=on_gpu, hidden_size=hidden)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == want

@@ -24,6 +24,10 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "ds_confi
 
 log = logging.getLogger(__name__)
 
+CPU_REDUCE_BUCKET = 50_000_000
+"""Gradient elements per reduce on CPU (200 MB in fp32): gloo pays a fixed cost per call, and the GPU
+default hidden^2 (330k for SmolLM2-135M) meant about 240 reduce-scatters per micro-batch."""
+
 
 def load_ds_template(name_or_path: str) -> dict[str, Any]:
     """Read a DeepSpeed JSON by name in ds_configs/ (zero2, zero3, zero3_offload) or by file path."""
@@ -88,6 +92,8 @@ def fill_ds_config(
             _fill(ds[section], "enabled", dtype == wanted)
 
     zero = ds.get("zero_optimization", {})
+    if not on_gpu:
+        _fill(zero, "reduce_bucket_size", max(CPU_REDUCE_BUCKET, (hidden_size or 0) ** 2))
     if hidden_size is not None:
         _fill(zero, "reduce_bucket_size", hidden_size * hidden_size)
         _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))

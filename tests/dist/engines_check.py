@@ -1,6 +1,6 @@
 """Engine checks in one launch (torchrun --nproc_per_node 2, or plain python for a world of one).
 
-    python tests/dist/engines_check.py WORKDIR [DS_CONFIG [OVERRIDE ...]]   # WORKDIR: actor/, reward/ (tiny.py)
+    python tests/dist/engines_check.py WORKDIR [DS_CONFIG [OVERRIDE ...]]   # WORKDIR: actor/, reward/
 
 Each check compares the engines against plain, unsharded PyTorch / Hugging Face models loaded before any
 engine exists: training steps (loss, updated weights, LR), reference log-probs, reward scores, critic values,
@@ -98,6 +98,10 @@ def main(workdir: Path, ds_config: str, overrides: list[str]) -> None:
             *overrides,
         ],
     )
+    if not torch.cuda.is_available():  # LOCAL_SIZE from init_distributed: no `numactl` fork per call
+        from deepspeed.accelerator import get_accelerator
+
+        assert get_accelerator().device_count() == world, get_accelerator().device_count()
     sizes = batch_sizes(cfg, world)
     tokenizer = load_policy_tokenizer(cfg)
     results: dict[str, object] = {"world_size": world, "ds_config": ds_config}

@@ -262,6 +262,7 @@ def run_child(program: str, python: str, steps: int, model_dir: Path, threads: i
     with tempfile.TemporaryDirectory(prefix=f"rl_step_{program}_") as tmp:
         cmd = [python, __file__, "--child", program, "--steps", str(steps), "--threads", str(threads)]
         cmd += ["--model-dir", str(model_dir)]
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.run([*cmd, "--workdir", tmp], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -270,6 +271,7 @@ def run_child(program: str, python: str, steps: int, model_dir: Path, threads: i
             )
         result = json.loads((Path(tmp) / "result.json").read_text())
     result["process_s"] = time.perf_counter() - t0
+    result["load"] = (load, os.getloadavg()[0])
     return result
 
 
@@ -283,7 +285,9 @@ def machine() -> str:
     except OSError:
         pass
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}, load average {load}"
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}, load average {load} (end)"
+    )
 
 
 def table(results: list[dict], note: str) -> str:
@@ -292,8 +296,8 @@ def table(results: list[dict], note: str) -> str:
     lines = [
         f"Measured {when:%Y-%m-%d %H:%M} UTC on {machine()}" + (f"; {note}" if note else ""),
         "",
-        "| run | program | step s | rollout s | logprobs s | update s | completions x tokens | threads |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | program | step s | rollout s | logprobs s | update s | answers x tokens | threads | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(results, 1):
         last = r["steps"][-1]
@@ -301,7 +305,8 @@ def table(results: list[dict], note: str) -> str:
         cells = " | ".join(f"{last[p]:.2f}" for p in phases)
         answers = PROMPTS * ANSWERS
         per_answer = r["completion_tokens"][-1] / answers
-        lines.append(f"| {i} | {name} | {cells} | {answers} x {per_answer:g} | {r['threads']} |")
+        load = " -> ".join(f"{x:.1f}" for x in r["load"])
+        lines.append(f"| {i} | {name} | {cells} | {answers} x {per_answer:g} | {r['threads']} | {load} |")
     medians = {}
     for program in dict.fromkeys(r["program"] for r in results):
         runs = [r["steps"][-1] for r in results if r["program"] == program]

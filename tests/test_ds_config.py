@@ -6,7 +6,8 @@ import pytest
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ConfigError, load_config
-from vbon_ds.engines.ds_config import DS_CONFIG_DIR, fill_ds_config, load_ds_template
+from vbon_ds.engines import ds_config
+from vbon_ds.engines.ds_config import CPU_REDUCE_BUCKET, DS_CONFIG_DIR, fill_ds_config, load_ds_template
 
 
 def test_batch_sizes_arithmetic():
@@ -63,7 +64,7 @@ def test_templates_fill_completely_on_cpu(name):
     assert params["lr"] == 2e-5 and params["weight_decay"] == 0.01 and params["betas"] == [0.9, 0.95]
     assert params["torch_adam"] is True  # no JIT-compiled CPU Adam on CPU
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_optimization"]["reduce_bucket_size"] == CPU_REDUCE_BUCKET  # not the GPU default 64^2
 
 
 def test_gpu_uses_bf16_and_fused_adam():
@@ -127,3 +128,49 @@ def test_packaged_templates_are_the_repo_files():
         "zero3.json",
         "zero3_offload.json",
     ]
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_world_of_one_runs_stage_0_and_says_so(name, trainable, caplog):
+    ds_config._say_once.cache_clear()
+    cfg = load_config()
+    ds = fill_ds_config(
+        load_ds_template(name), cfg, batch_sizes(cfg, 1), on_gpu=False, hidden_size=64, trainable=trainable
+    )
+    assert ds["zero_optimization"] == {"stage": 0}
+    assert ("optimizer" in ds) == trainable and ds["train_batch_size"] == 16
+    stage = load_ds_template(name)["zero_optimization"]["stage"]
+    assert f"world of one: ZeRO stage {stage} -> 0 (nothing to partition)" in caplog.messages
+
+
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("zero3", 2, []),  # several ranks: partitioning is the point
+        ("zero3", 1, ["deepspeed.force_stage=true"]),  # debugging ZeRO-3 in one process
+        ("zero2", 1, ["deepspeed.force_stage=true"]),
+        ("zero3_offload", 1, []),  # alone, but parameters and optimizer states live on CPU
+    ],
+)
+def test_configured_stage_is_kept(name, world, overrides):
+    cfg = load_config(None, ["train.prompts_per_step=8", *overrides])
+    template = load_ds_template(name)
+    ds = fill_ds_config(template, cfg, batch_sizes(cfg, world), on_gpu=False, hidden_size=64)
+    assert ds["zero_optimization"]["stage"] == template["zero_optimization"]["stage"]
+    assert ds["zero_optimization"]["reduce_bucket_size"] == CPU_REDUCE_BUCKET  # not the GPU default 64^2
+
+
+def test_frozen_models_alone_keep_zero3_when_offloaded():
+    cfg = load_config(None, ["deepspeed.reference_offload=true"])
+    ds = fill_ds_config(load_ds_template("zero3"), cfg, batch_sizes(cfg, 1), on_gpu=False, trainable=False)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_reduce_bucket_is_hidden_squared_on_gpu_and_large_on_cpu():
+    cfg = load_config(None, ["train.prompts_per_step=8"])
+    sizes = batch_sizes(cfg, 2)
+    for on_gpu, hidden, want in ((True, 64, 64 * 64), (False, 64, CPU_REDUCE_BUCKET), (False, 10_000, 10**8)):
+        ds = fill_ds_config(load_ds_template("zero3"), cfg, sizes, on_gpu=on_gpu, hidden_size=hidden)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == want

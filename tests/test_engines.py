@@ -1,6 +1,6 @@
 """Engines: rollout bookkeeping, LR schedule, reward scoring, checkpoint pointers, config errors (in process),
-and the engine checks of tests/dist/engines_check.py: ZeRO-3 in 2 processes, and a ZeRO-2 actor (ZeRO-3 frozen
-models) in a launcher-less world of one."""
+and the engine checks of tests/dist/engines_check.py: ZeRO-3 in 2 processes; in a launcher-less world of one,
+the zero3 config at stage 0, and a forced ZeRO-2 actor with ZeRO-3 frozen models."""
 
 import itertools
 import json
@@ -172,6 +172,31 @@ def test_collectives_without_a_process_group():
     assert distributed.all_reduce_max(7) == 7
 
 
+def test_threads_per_rank_share_the_cores_unless_the_user_chose():
+    assert distributed.threads_per_rank(16, 4, None) == 4
+    assert distributed.threads_per_rank(2, 2, "") == 1
+    assert distributed.threads_per_rank(2, 8, None) == 1  # more ranks than cores: one thread each
+    assert distributed.threads_per_rank(16, 4, "3") is None  # OMP_NUM_THREADS set: torch follows it
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({"LOCAL_SIZE": "3", "LOCAL_WORLD_SIZE": "5"}, 3),
+        ({"LOCAL_WORLD_SIZE": "5", "WORLD_SIZE": "10"}, 5),
+        ({"SLURM_TASKS_PER_NODE": "4(x2)", "WORLD_SIZE": "8"}, 4),
+        ({"WORLD_SIZE": "6"}, 6),
+        ({}, 1),
+    ],
+)
+def test_local_world_size_from_the_launcher(monkeypatch, env, want):
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_TASKS_PER_NODE", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.local_world_size() == want
+
+
 def test_checkpoint_pointers(tmp_path):
     assert latest_checkpoint(tmp_path) is None and step_dirs(tmp_path / "absent") == []
     (tmp_path / "step_00000003").mkdir()
@@ -202,11 +227,11 @@ def test_config_errors_before_any_engine_is_built(tmp_path):
         )
 
 
-def _run_engine_checks(tmp_path: Path, launcher: list[str], ds_config: str) -> dict:
+def _run_engine_checks(tmp_path: Path, launcher: list[str], ds_config: str, *overrides: str) -> dict:
     make_tiny_causal_lm(tmp_path / "actor")
     make_tiny_reward_model(tmp_path / "reward")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [*launcher, str(REPO / "tests" / "dist" / "engines_check.py"), str(tmp_path), ds_config]
+    cmd = [*launcher, str(REPO / "tests" / "dist" / "engines_check.py"), str(tmp_path), ds_config, *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -235,9 +260,17 @@ def test_zero3_engines_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero2_actor_without_launcher(tmp_path):
-    results = _run_engine_checks(tmp_path, [sys.executable], "zero2")
+def test_world_of_one_runs_zero3_config_at_stage_0(tmp_path):
+    results = _run_engine_checks(tmp_path, [sys.executable], "zero3")
     assert results["world_size"] == 1 and results["train_max_weight_diff"] < 1e-5
+    assert results["stages"] == {"actor": 0, "reference": 0, "reward": 0}
+
+
+@pytest.mark.slow
+def test_forced_zero2_actor_without_launcher(tmp_path):
+    results = _run_engine_checks(tmp_path, [sys.executable], "zero2", "deepspeed.force_stage=true")
+    assert results["world_size"] == 1 and results["train_max_weight_diff"] < 1e-5
+    assert results["stages"] == {"actor": 2, "reference": 3, "reward": 3}
 
 
 def _run_partial_check(tmp_path: Path, mode: str) -> dict:
@@ -294,3 +327,4 @@ def test_lora_under_zero3_with_the_reference_from_disabled_adapters(tmp_path):
         for module in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj")
         for ab in "AB"
     ]
+

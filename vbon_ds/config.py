@@ -212,6 +212,8 @@ class DeepSpeedConfig:
     """DeepSpeed JSON: a name in ds_configs/ (zero2, zero3, zero3_offload) or a path to a file."""
     reference_offload: bool = False
     """Keep the frozen reference and reward parameters on CPU (ZeRO-3 offload)."""
+    force_stage: bool = False
+    """Run the JSON's ZeRO stage even in a world of one (else one process runs stage 0 unless it offloads)."""
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Engine checks in one launch (torchrun --nproc_per_node 2, or plain python for a world of one).
 
-    python tests/dist/engines_check.py WORKDIR [DS_CONFIG]   # WORKDIR: actor/ and reward/ from vbon_ds/tiny.py
+    python tests/dist/engines_check.py WORKDIR [DS_CONFIG [OVERRIDE ...]]   # WORKDIR: actor/, reward/
 
 Each check compares the engines against plain, unsharded PyTorch / Hugging Face models loaded before any
 engine exists: training steps (loss, updated weights, LR), reference log-probs, reward scores, critic values,
 gathered vs synced generation, checkpoint round trip. DS_CONFIG (zero3 by default) sets the actor and critic
-stage; reference and reward are ZeRO-3 regardless; gradient checkpointing is on. Checks assert here; rank 0
+stage; reference and reward are ZeRO-3 regardless; a world of one runs everything at stage 0 unless an
+OVERRIDE sets deepspeed.force_stage=true; gradient checkpointing is on. Checks assert here; rank 0
 also writes WORKDIR/results.json, plus the inputs and logits pytest needs to test the HF export.
 """
 
@@ -78,7 +79,7 @@ def full_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-def main(workdir: Path, ds_config: str) -> None:
+def main(workdir: Path, ds_config: str, overrides: list[str]) -> None:
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     per_rank = GLOBAL_BATCH // world
@@ -100,8 +101,13 @@ def main(workdir: Path, ds_config: str) -> None:
             "train.weight_decay=0.01",
             f"deepspeed.config={ds_config}",
             "model.gradient_checkpointing=true",
+            *overrides,
         ],
     )
+    if not torch.cuda.is_available():  # LOCAL_SIZE from init_distributed: no `numactl` fork per call
+        from deepspeed.accelerator import get_accelerator
+
+        assert get_accelerator().device_count() == world, get_accelerator().device_count()
     sizes = batch_sizes(cfg, world)
     tokenizer = load_policy_tokenizer(cfg)
     results: dict[str, object] = {"world_size": world, "ds_config": ds_config}
@@ -124,7 +130,14 @@ def main(workdir: Path, ds_config: str) -> None:
     reference = build_reference(cfg, sizes, tokenizer)
     critic = build_critic(cfg, sizes, tokenizer)
     reward = build_reward(cfg, sizes)
-    assert actor.zero3 == critic.zero3 == (ds_config == "zero3") and reference.zero3 and reward.model.zero3
+    # A world of one runs stage 0 unless deepspeed.force_stage keeps the JSON's stage.
+    partitioned = world > 1 or cfg.deepspeed.force_stage
+    assert actor.zero3 == critic.zero3 == (partitioned and ds_config == "zero3")
+    assert reference.zero3 == reward.model.zero3 == partitioned
+    results["stages"] = {
+        name: engine.ds.zero_optimization_stage()
+        for name, engine in (("actor", actor), ("reference", reference), ("reward", reward.model))
+    }
     assert actor.module.training and actor.module.is_gradient_checkpointing and not reference.module.training
     seq, mask = fixed_batch(len(tokenizer))
 
@@ -267,4 +280,4 @@ def main(workdir: Path, ds_config: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "zero3")
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "zero3", sys.argv[3:])

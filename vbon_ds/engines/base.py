@@ -20,6 +20,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _alone_without_zero(ds_engine: Any) -> bool:
+    """One data-parallel rank, ZeRO stage 0, fp32 (a plain torch optimizer, no fp16/bf16 wrapper)."""
+    return (
+        ds_engine.dp_world_size == 1
+        and ds_engine.zero_optimization_stage() == 0
+        and not ds_engine.fp16_enabled()
+        and not ds_engine.bfloat16_enabled()
+    )
+
+
 class DeepSpeedModel:
     """A DeepSpeed engine (`ds`) around a Hugging Face model (`module`)."""
 
@@ -27,6 +37,10 @@ class DeepSpeedModel:
         self.ds = ds_engine
         self.module = ds_engine.module
         self.trainable = trainable
+        if trainable and _alone_without_zero(ds_engine):
+            # DeepSpeed would still flatten every gradient into one buffer, all-reduce it over this one rank
+            # and copy it back at each optimizer step: a copy of the whole model's gradients for nothing.
+            ds_engine.enable_backward_allreduce = False
         # transformers reads ZeRO-3 settings through a weak reference to this object (generate, save paths):
         # keep it alive exactly as long as the engine.
         self._hf_ds_config = hf_ds_config

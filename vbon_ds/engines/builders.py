@@ -10,7 +10,8 @@
 
 Trainable engines take their ZeRO stage from deepspeed.config, AdamW and gradient clipping from the filled
 DeepSpeed config, and a warmup + constant/cosine LR schedule over `optimizer_steps(cfg)` optimizer steps.
-Frozen engines are always ZeRO-3 (from the zero3 template when deepspeed.config is a lower stage).
+Frozen engines are ZeRO-3 (from the zero3 template when deepspeed.config is a lower stage); a world of one
+runs every engine at stage 0 unless something is offloaded (ds_config.py).
 Trainable models train the weights model.trainable_layers / model.lora_rank choose (vbon_ds/adapters.py).
 Each model loads while its `HfDeepSpeedConfig` is alive, so under ZeRO-3 transformers initialises and loads
 it partitioned. Dropout is switched off everywhere: PPO compares log-probs of the same tokens across passes.

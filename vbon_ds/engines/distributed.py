@@ -8,6 +8,7 @@ Every helper is a no-op identity when no process group exists, so single-process
 from __future__ import annotations
 
 import os
+import re
 import socket
 import warnings
 from typing import Any
@@ -23,6 +24,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def local_world_size() -> int:
+    """Ranks on this machine, as the launcher says (deepspeed: LOCAL_SIZE, torchrun: LOCAL_WORLD_SIZE, Slurm:
+    SLURM_TASKS_PER_NODE such as "4(x2)"), else every rank of the world."""
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_TASKS_PER_NODE"):
+        digits = re.match(r"\d+", os.environ.get(key, ""))
+        if digits and int(digits.group()) > 0:
+            return int(digits.group())
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def threads_per_rank(cores: int, local_ranks: int, omp_num_threads: str | None) -> int | None:
+    """Compute threads for each rank: the cores shared out among the local ranks, at least 1; None when the
+    user chose OMP_NUM_THREADS (torch follows it by itself). More threads than cores only wait on each
+    other: two 2-thread processes on 2 cores ran about 10x slower than one."""
+    if omp_num_threads:
+        return None
+    return max(1, cores // local_ranks)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def init_distributed() -> None:
     """Join (or create) the default process group once; later calls do nothing."""
     if dist.is_initialized():
@@ -30,6 +54,13 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_ranks = local_world_size()
+    threads = threads_per_rank(_usable_cores(), local_ranks, os.environ.get("OMP_NUM_THREADS"))
+    if threads is not None and threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+    # DeepSpeed's CPU accelerator counts "devices" by forking `numactl --hardware` on every call (ZeRO-3
+    # calls it once per gradient reduce-scatter) unless LOCAL_SIZE says it, as its own launcher does.
+    os.environ.setdefault("LOCAL_SIZE", str(local_ranks))
     import deepspeed
 
     # DeepSpeed's ZeRO collectives use torch.distributed APIs that torch deprecates: one warning per call.

@@ -327,4 +327,3 @@ def test_lora_under_zero3_with_the_reference_from_disabled_adapters(tmp_path):
         for module in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj")
         for ab in "AB"
     ]
-

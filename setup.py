@@ -19,11 +19,10 @@ setup(
         "torch>=2.3",
         # deepspeed.runtime.zero.stage3.unwrap_model_for_generation (gather once per generate) came in 0.14.4.
         "deepspeed>=0.15",
-        # from_pretrained(dtype=...): before 4.56 the keyword was torch_dtype and `dtype` was ignored.
+        # from_pretrained(dtype=...): before 4.56 the keyword was torch_dtype, and `dtype` was ignored.
         "transformers>=4.56",
         "datasets>=3.0",
         "accelerate>=0.34",
-        "peft>=0.21",  # LoRA (model.lora_rank); tested with 0.21.2
         "sentencepiece",
         "tensorboard",
         "tqdm",

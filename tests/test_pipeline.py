@@ -167,7 +167,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(tmp_path):
 
 def test_refcache_interrupted_then_resumed_loses_and_duplicates_nothing(tmp_path):
     from vbon_ds.data import load_prompts
-    from vbon_ds.pipelines.refcache import all_prompts
+    from vbon_ds.pipelines.build_refcache import all_prompts
     from vbon_ds.refcache import RefCache
 
     config = tiny_config_file(tmp_path, "cache", "train.refcache_shard_prompts=4")

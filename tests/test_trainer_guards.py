@@ -10,7 +10,7 @@ import pytest
 
 from vbon_ds.config import ExperimentConfig, load_config
 from vbon_ds.errors import VbonError
-from vbon_ds.pipelines import refcache
+from vbon_ds.pipelines import build_refcache
 from vbon_ds.pipelines.demo import demo_config
 from vbon_ds.pipelines.train import Trainer, objective_beta
 from vbon_ds.rewards import register_reward
@@ -60,7 +60,7 @@ def test_nan_rewards_skip_updates_and_stop_after_max_bad_steps(tmp_path, tiny_mo
 def test_nan_reward_in_refcache_names_the_prompt(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "nan_cache", tiny_model, "reward.function=nan_for_tests")
     with pytest.raises(VbonError, match=r"reward is not finite for prompt \d+ \('[0-9a-f#]+'\)"):
-        refcache.run(cfg)
+        build_refcache.run(cfg)
 
 
 def test_objective_beta():

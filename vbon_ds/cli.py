@@ -56,14 +56,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(preset=args.preset, output_dir=args.output_dir, extra=args.overrides)
 
 
-def _pipeline(name: str) -> Callable[[argparse.Namespace], None]:
-    """A subcommand that loads the config and hands it to vbon_ds.pipelines.<name>.run."""
+def _pipeline(module: str) -> Callable[[argparse.Namespace], None]:
+    """A subcommand that loads the config and hands it to vbon_ds.pipelines.<module>.run."""
 
     def command(args: argparse.Namespace) -> None:
         import importlib
 
         cfg = load_config(args.config, args.overrides)
-        importlib.import_module(f"vbon_ds.pipelines.{name}").run(cfg)
+        importlib.import_module(f"vbon_ds.pipelines.{module}").run(cfg)
 
     return command
 
@@ -72,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vbon", description="Variational Best-of-N alignment with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    for name, help_text in (
-        ("train", "train a policy with vBoN (or the KL-RL baseline) on DeepSpeed engines"),
-        ("refcache", "sample M reference answers per prompt, score them, cache sorted rewards"),
-        ("evaluate", "compare policy, reference and BoN(N): reward, KL, win rate, temperatures"),
-        ("bon", "Best-of-N sampling baseline from the reference cache"),
+    for name, module, help_text in (
+        ("train", "train", "train a policy with vBoN, KL-RL or an offline baseline on DeepSpeed engines"),
+        ("refcache", "build_refcache", "sample M reference answers per prompt, score them, cache them"),
+        ("evaluate", "evaluate", "compare policy, reference and BoN(N): reward, KL, win rate, temperatures"),
+        ("bon", "bon_sampling", "Best-of-N sampling baseline from the reference cache"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
-        p.set_defaults(func=_pipeline(name))
+        p.set_defaults(func=_pipeline(module))
 
     demo = sub.add_parser("demo", help="the whole pipeline on embedded defaults, no network needed")
     demo.add_argument(

@@ -180,9 +180,11 @@ def _policy(
     )
 
 
-def build_actor(cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase) -> PolicyEngine:
-    """The trainable policy (model.actor)."""
-    return _policy(cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=True)
+def build_actor(
+    cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase, trainable: bool = True
+) -> PolicyEngine:
+    """The policy (model.actor): trainable, or frozen for evaluation (weights loaded from a checkpoint)."""
+    return _policy(cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=trainable)
 
 
 def build_reference(

@@ -12,12 +12,11 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.data import PromptSet, load_prompts
 from vbon_ds.engines import distributed
-from vbon_ds.engines.builders import build_reference, build_reward, load_policy_tokenizer
 from vbon_ds.errors import VbonError
+from vbon_ds.pipelines.engines import build_engines
 from vbon_ds.pipelines.rollout import response_token_ids, sample_and_score, shard_evenly
 from vbon_ds.refcache import (
     CacheSummary,
@@ -58,10 +57,7 @@ def run(cfg: ExperimentConfig) -> CacheSummary:
     todo = [i for i, pid in enumerate(prompts.ids) if pid not in done]
     mine, real = shard_evenly(todo, distributed.rank(), distributed.world_size())
 
-    tokenizer = load_policy_tokenizer(cfg)
-    sizes = batch_sizes(cfg, distributed.world_size())
-    reference = build_reference(cfg, sizes, tokenizer)
-    scorer = build_reward(cfg, sizes)
+    engines = build_engines(cfg, reference=True, scorer=True)
     # generation.batch_size counts answers per generate call; each prompt needs M of them.
     prompts_per_call = max(1, cfg.generation.batch_size // m)
 
@@ -76,9 +72,9 @@ def run(cfg: ExperimentConfig) -> CacheSummary:
             chunk = mine[start : start + prompts_per_call]
             repeated = [prompts.texts[i] for i in chunk for _ in range(m)]
             scored = sample_and_score(
-                reference,
-                scorer,
-                tokenizer,
+                engines.reference,
+                engines.scorer,
+                engines.tokenizer,
                 repeated,
                 cfg.generation,
                 max_prompt_tokens=cfg.data.max_prompt_tokens,
@@ -108,7 +104,7 @@ def run(cfg: ExperimentConfig) -> CacheSummary:
             bar.update(distributed.world_size() * len(records))
     bar.close()
     distributed.barrier()
-    # One rank validates (it writes summary.json); the others wait and read its verdict.
+    # One rank validates; the others wait and read its verdict.
     summary = validate_cache(root, expected_ids=prompts.ids) if distributed.is_main() else None
     summary = distributed.broadcast_object(summary)
     if distributed.is_main():

@@ -13,12 +13,10 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal_name = ""
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
 
     def restore(self) -> None:
         """Put back the handlers that were there before."""

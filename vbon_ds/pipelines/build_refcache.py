@@ -85,8 +85,8 @@ def run(cfg: ExperimentConfig) -> CacheSummary:
                 if start + j >= real:  # padding work that keeps ranks' collectives matched
                     continue
                 rows = slice(j * m, (j + 1) * m)
-                rewards = scored.scores[rows].tolist()
-                if not torch.isfinite(scored.scores[rows]).all():
+                rewards = scored.rewards[rows].tolist()
+                if not torch.isfinite(scored.rewards[rows]).all():
                     raise VbonError(
                         f"reward is not finite for prompt {index} ({prompts.ids[index]!r}): {rewards}; "
                         "check the reward model or function"
@@ -97,7 +97,7 @@ def run(cfg: ExperimentConfig) -> CacheSummary:
                         prompt=prompts.texts[index],
                         rewards=rewards,
                         token_ids=token_ids[rows],
-                        texts=scored.texts[rows],
+                        texts=scored.responses[rows],
                     )
                 )
             writer.add(records)

@@ -91,7 +91,7 @@ def policy_rows(
         logp = policy_logprobs(policy, batch, temperature, size)
         ref_logp = policy_logprobs(engines.reference, batch, temperature, size)
         kl = ((logp - ref_logp) * batch.response_mask).sum(1)
-        rewards = scored.scores[: real * k].to(torch.float64)
+        rewards = scored.rewards[: real * k].to(torch.float64)
         refs = cache.rewards_for(real_ids).to(torch.float64)
         local = {
             "reward": rewards.tolist(),

@@ -123,7 +123,7 @@ def offline_experience(
     index = [i for i in prompt_index for _ in range(cfg.algo.samples_per_prompt)]
     records = [cache.record(prompts.ids[i]) for i in index]
     pairs = choose_pairs([r.rewards for r in records], index, cfg.vbon.n, generator)
-    texts = [prompts.texts[i] for i in index]
+    prompt_texts = [prompts.texts[i] for i in index]
     roles = {"chosen": [p.chosen for p in pairs]}
     if cfg.algo.name in PAIR_ALGOS:
         roles["rejected"] = [p.rejected for p in pairs]
@@ -131,8 +131,8 @@ def offline_experience(
     for role, answer in roles.items():
         ids = [record.token_ids[a] for record, a in zip(records, answer, strict=True)]
         keys = [(record.prompt_id, a) for record, a in zip(records, answer, strict=True)]
-        batches[role] = answer_batch(engines.tokenizer, texts, ids, cfg.data.max_prompt_tokens)
-        tensors[f"ref_{role}"] = reference_logps.lookup(engines, cfg, keys, texts, ids).to(
+        batches[role] = answer_batch(engines.tokenizer, prompt_texts, ids, cfg.data.max_prompt_tokens)
+        tensors[f"ref_{role}"] = reference_logps.lookup(engines, cfg, keys, prompt_texts, ids).to(
             batches[role].sequences.device
         )
     stats = {

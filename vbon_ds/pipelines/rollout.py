@@ -88,11 +88,11 @@ def response_token_ids(rollout: Rollout) -> list[list[int]]:
 
 @dataclass
 class ScoredRollout:
-    """Answers to a batch of prompts, their texts and their scores (raw rewards)."""
+    """Answers to a batch of prompts, their texts and their raw rewards."""
 
     rollout: Rollout
-    texts: list[str]
-    scores: torch.Tensor
+    responses: list[str]
+    rewards: torch.Tensor
     """[B] float32 raw rewards r(x, y) (missing_eos_score applied)."""
 
 
@@ -124,6 +124,6 @@ def sample_and_score(
             )
         )
     rollout = concat_rollouts(parts, tokenizer.pad_token_id)
-    texts = response_texts(tokenizer, rollout)
-    scores = scorer.score(list(prompts), texts, ended_with_eos=rollout.ended_with_eos)
-    return ScoredRollout(rollout=rollout, texts=texts, scores=scores)
+    responses = response_texts(tokenizer, rollout)
+    rewards = scorer.score(list(prompts), responses, ended_with_eos=rollout.ended_with_eos)
+    return ScoredRollout(rollout=rollout, responses=responses, rewards=rewards)

@@ -153,14 +153,15 @@ class Trainer:
         sampled = phases.rollout(self.engines, cfg, prompts)
         t_rollout = time.perf_counter() - t0
         names = [f"prompt {i} ({self.prompts.ids[i]!r})" for i in index]
-        scores = phases.score(cfg, sampled.scores, self._sorted_ref_rewards(index), names)
         batch = phases.TokenBatch.of(sampled.rollout)
+        rewards = sampled.rewards.to(batch.sequences.device)
+        scores = phases.score(cfg, rewards, self._sorted_ref_rewards(index), names)
         logps = phases.logprobs(self.engines, cfg, batch)
         exp = phases.advantages(cfg, self.beta, batch, scores, logps)
         exp.stats["train/eos_fraction"] = sampled.rollout.ended_with_eos.float().mean().item()
         exp.stats["time/rollout"] = t_rollout
         exp.stats["time/logprobs"] = time.perf_counter() - t0 - t_rollout
-        self._log_samples(prompts, sampled.texts, scores.rewards)
+        self._log_samples(prompts, sampled.responses, scores.rewards)
         return exp
 
     def train_step(self) -> tuple[dict[str, float], str]:

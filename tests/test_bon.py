@@ -289,7 +289,7 @@ def test_cached_estimators_agree_with_the_exact_bon_distribution():
 
 def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
     from vbon_ds.config import load_config
-    from vbon_ds.pipelines.train import objective_reward
+    from vbon_ds.pipelines.experience import objective_reward
 
     refs = torch.tensor([[-2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 2.0, 5.0]])
     scores = torch.tensor([-1.0, 3.0])  # the first answer was cut off and carries missing_eos_score = -1

@@ -90,7 +90,10 @@ def test_overrides_apply_after_the_file(tmp_path):
         (["algo.gamma=2"], "algo.gamma: 2.0 is out of range (allowed: [0.0, 1.0])"),
         (["train.steps=2.5"], "train.steps: expected int, got '2.5'"),
         (["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing: expected bool, got 'maybe'"),
-        (["algo.name=sac"], "algo.name: 'sac' is not allowed (allowed: ppo, rloo)"),
+        (
+            ["algo.name=sac"],
+            "algo.name: 'sac' is not allowed (allowed: ppo, rloo, bon_sft, dpo, ipo, bonbon)",
+        ),
         (["vbon.objective=bond"], "vbon.objective: 'bond' is not allowed (allowed: vbon, vbon_exact, kl_rl)"),
         (
             ["model.dtype=fp8"],

@@ -1,6 +1,7 @@
 """Batch-size arithmetic and the filling of DeepSpeed JSON templates from the experiment config."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,12 +123,29 @@ def test_template_errors(tmp_path):
         fill_ds_config(template, cfg, batch_sizes(cfg, 1), on_gpu=False)
 
 
-def test_packaged_templates_are_the_repo_files():
-    assert sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")) == [
-        "zero2.json",
-        "zero3.json",
-        "zero3_offload.json",
-    ]
+def test_packaged_templates_hold_what_their_names_promise():
+    templates = {p.stem: json.loads(p.read_text()) for p in DS_CONFIG_DIR.glob("*.json")}
+    assert sorted(templates) == ["zero2", "zero3", "zero3_offload"]
+    stages = {name: t["zero_optimization"]["stage"] for name, t in templates.items()}
+    assert stages == {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+    offload = templates["zero3_offload"]["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == "cpu" and offload["offload_param"]["device"] == "cpu"
+    for name in ("zero2", "zero3"):
+        zero = templates[name]["zero_optimization"]
+        assert "offload_optimizer" not in zero and "offload_param" not in zero, name
+    for name, template in templates.items():
+        # The experiment config owns batch sizes, learning rate and precision: the JSON leaves them "auto".
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            assert template[key] == "auto", (name, key)
+        assert template["optimizer"]["params"]["lr"] == "auto", name
+        assert template["bf16"]["enabled"] == "auto", name
+
+
+def test_templates_ship_with_the_package():
+    # setup.py's package_data must install them: they live under vbon_ds/resources.
+    assert DS_CONFIG_DIR.parent.name == "resources" and DS_CONFIG_DIR.parent.parent.name == "vbon_ds"
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert '"resources/**/*"' in setup
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3"])

@@ -7,19 +7,24 @@ import torch
 import torch.nn.functional as F
 
 from vbon_ds.losses import (
+    bonbon_loss,
     dpo_loss,
     gae,
     ipo_loss,
+    ipo_target_beta,
     kl_penalty,
     last_token_mask,
+    leave_one_out,
     masked_mean,
     masked_sum,
     masked_whiten,
+    ppo_advantages,
     ppo_policy_loss,
     rloo_advantages,
     sft_nll,
     shape_rewards,
     value_loss,
+    whiten,
 )
 
 NAN = math.nan
@@ -109,22 +114,22 @@ def test_gae_with_gamma_lambda_one_and_zero_values_is_reward_to_go():
     torch.testing.assert_close(advantages, _t([[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]]))
 
 
-def test_rloo_hand_case_and_baseline_excludes_the_sample():
+def test_leave_one_out_hand_case_and_baseline_excludes_the_sample():
     scores = _t([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
-    got = rloo_advantages(scores, k=4)
+    got = leave_one_out(scores, k=4)
     want = _t([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4 - 0.0])
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(rloo_advantages(scores.reshape(2, 4), k=4), want.reshape(2, 4))
+    torch.testing.assert_close(leave_one_out(scores.reshape(2, 4), k=4), want.reshape(2, 4))
     # Raising one score by d moves its own advantage by d and each other one by -d/(k-1), i.e. the
     # sample's own score never enters its baseline; other prompts are untouched.
-    bumped = rloo_advantages(scores + _t([0, 0, 3.0, 0, 0, 0, 0, 0]), k=4)
+    bumped = leave_one_out(scores + _t([0, 0, 3.0, 0, 0, 0, 0, 0]), k=4)
     torch.testing.assert_close(bumped - got, _t([-1.0, -1.0, 3.0, -1.0, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="k must be >= 2"):
-        rloo_advantages(scores, k=1)
+        leave_one_out(scores, k=1)
     with pytest.raises(ValueError, match="scores must be"):
-        rloo_advantages(scores, k=3)
+        leave_one_out(scores, k=3)
     with pytest.raises(ValueError, match="scores must be"):
-        rloo_advantages(scores.reshape(4, 2), k=4)
+        leave_one_out(scores.reshape(4, 2), k=4)
 
 
 def test_ppo_policy_loss_hand_case():
@@ -136,7 +141,7 @@ def test_ppo_policy_loss_hand_case():
     # per token: max(-A r, -A clip(r)) = -1, -2.4, +0.8, +1.5, -1.0
     assert loss.item() == pytest.approx((-1 - 2.4 + 0.8 + 1.5 - 1.0) / 5)
     assert stats["clip_frac"].item() == pytest.approx(2 / 5)
-    assert stats["ratio"].item() == pytest.approx((1 + 1.5 + 0.5 + 1.5 + 0.5) / 5)
+    assert set(stats) == {"approx_kl", "clip_frac"}
     kl3 = [0.0, 0.5 - math.log(1.5), -0.5 - math.log(0.5), 0.5 - math.log(1.5), -0.5 - math.log(0.5)]
     assert stats["approx_kl"].item() == pytest.approx(sum(kl3) / 5)
     loss.backward()
@@ -186,3 +191,66 @@ def test_dpo_and_ipo_hand_case():
     assert dpo_loss(chosen, chosen, chosen, chosen, beta).item() == pytest.approx(
         -F.logsigmoid(_t(0.0)).item()
     )
+
+
+def test_rloo_advantages_are_the_per_token_form_summed_then_leave_one_out():
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(4, generator=gen, dtype=torch.float64)
+    kl = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    mask = _t([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    beta = 0.3
+    got = rloo_advantages(rewards, kl.masked_fill(mask == 0, NAN), mask, beta, k=2, whiten_advantages=False)
+    # The per-token rewards summed over each answer: its reward minus beta times its summed KL.
+    sequence = shape_rewards(rewards, kl, mask, beta).sum(-1)
+    torch.testing.assert_close(sequence, rewards - beta * (kl * mask).sum(-1))
+    torch.testing.assert_close(got, leave_one_out(sequence, 2))
+    assert got.shape == (4,)
+
+
+def test_rloo_whitens_per_answer_not_per_token():
+    rewards = _t([1.0, 0.0, 3.0, 0.0])
+    mask = _t([[1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])  # long and short answers
+    got = rloo_advantages(rewards, torch.zeros_like(mask), mask, 0.1, k=2, whiten_advantages=True)
+    raw = leave_one_out(rewards, 2)  # [1, -1, 3, -3]: mean 0, population variance 5
+    torch.testing.assert_close(got, raw / math.sqrt(5.0), atol=1e-7, rtol=0)
+    torch.testing.assert_close(got, whiten(raw))
+    # Whitening the broadcast per-token tensor instead would weight the long answers four times.
+    per_token = masked_whiten(raw.unsqueeze(1) * mask, mask)
+    assert not torch.allclose(per_token[:, 0], got)
+
+
+def test_ppo_advantages_are_gae_of_the_shaped_rewards():
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.randn(2, generator=gen, dtype=torch.float64)
+    kl = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    values = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    advantages, returns = ppo_advantages(rewards, kl, values, MASK, 0.2, 1.0, 0.95, whiten_advantages=False)
+    want = gae(shape_rewards(rewards, kl, MASK, 0.2), values, MASK, 1.0, 0.95)
+    torch.testing.assert_close((advantages, returns), want)
+    whitened, same_returns = ppo_advantages(rewards, kl, values, MASK, 0.2, 1.0, 0.95, whiten_advantages=True)
+    torch.testing.assert_close(whitened, masked_whiten(want[0], MASK))
+    torch.testing.assert_close(same_returns, returns)
+
+
+def test_ipo_target_beta_matches_the_bon_margin_of_best_over_worst():
+    # Without ties u = F(r) is uniform and log(pi_BoN / pi_ref) = log n + (n - 1) log u, so the expected
+    # margin of the best over the worst of n is (n - 1) E[log U_max - log U_min] = (n - 1) H_(n-1).
+    assert ipo_target_beta(2) == pytest.approx(0.5)
+    n = 4
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(200_000, n, generator=gen, dtype=torch.float64)
+    margin = (n - 1) * (u.max(1).values.log() - u.min(1).values.log()).mean().item()
+    assert 1 / (2 * ipo_target_beta(n)) == pytest.approx(margin, rel=0.01)
+    assert 1 / (2 * ipo_target_beta(n)) == pytest.approx(3 * (1 + 1 / 2 + 1 / 3))
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        ipo_target_beta(1)
+
+
+def test_bonbon_loss_mixes_summed_sft_and_ipo():
+    chosen, rejected = _t([-1.0, -3.0]), _t([-2.0, -1.0])
+    ref_chosen, ref_rejected = _t([-1.5, -2.0]), _t([-1.5, -2.0])
+    args = (chosen, rejected, ref_chosen, ref_rejected)
+    ipo = ipo_loss(*args, 0.25)
+    got = bonbon_loss(*args, alpha=0.2, beta=0.25)
+    assert got.item() == pytest.approx(0.2 * (1.0 + 3.0) / 2 + 0.8 * ipo.item())
+    assert bonbon_loss(*args, alpha=0.0, beta=0.25).item() == pytest.approx(ipo.item())

@@ -6,7 +6,9 @@ Each test launches real `vbon` processes (DeepSpeed on CPU, gloo), so they are m
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from vbon_ds.config import dump_config
@@ -37,6 +38,19 @@ REQUIRED_TAGS = [
     "train/response_length",
     "time/rollout",
 ]
+
+
+def assert_training_scalars(scalars: dict, steps: list[int], lr: float, num_refs: int) -> None:
+    """The tiny preset's scalars: every required tag at every step, finite, and in its range."""
+    for tag in REQUIRED_TAGS:
+        assert [step for step, _ in scalars[tag]] == steps, tag
+        assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+    values = {tag: [value for _, value in scalars[tag]] for tag in scalars}
+    assert all(0.0 <= r <= 1.0 for r in values["train/reward"])  # vowel_ratio is a share
+    assert all(-math.log(num_refs + 1) - 1e-6 <= f <= 0.0 for f in values["train/log_F"])
+    assert values["train/lr"] == pytest.approx([lr] * len(steps))
+    assert all(0.0 <= c <= 1.0 for c in values["train/clip_frac"])
+    assert all(n > 0 for n in values["train/response_length"])
 
 
 def launch_env() -> dict[str, str]:
@@ -76,15 +90,21 @@ def test_demo_tiny_single_process(tmp_path):
     result = vbon("demo", "--preset", "tiny", "--output-dir", str(out), "--set", "train.steps=3")
     assert "| policy | 1 |" in result.stdout and "| BoN(4) |" in result.stdout
     scalars = read_scalars(out / "tensorboard")
-    for tag in REQUIRED_TAGS:
-        assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag
-    # Before the first update actor == reference: the KL estimate is exactly 0.
+    assert_training_scalars(scalars, [1, 2, 3], lr=3e-3, num_refs=16)
+    # Before the first update actor == reference: the KL estimate is exactly 0; the update then moves it.
     assert scalars["train/kl"][0][1] == pytest.approx(0.0, abs=1e-5)
+    assert any(abs(value) > 1e-4 for _, value in scalars["train/kl"][1:])
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "eval" / "reward_kl.png").stat().st_size > 0
-    evaluation = yaml.safe_load((out / "eval" / "results.json").read_text())
-    assert {row["method"] for row in evaluation} >= {"reference", "BoN(2)", "BoN(4)", "policy"}
+    evaluation = {row["method"]: row for row in json.loads((out / "eval" / "results.json").read_text())}
+    assert set(evaluation) >= {"reference", "BoN(2)", "BoN(4)", "policy", "reference (fresh)"}
+    # BoN from the cache: reward rises with n; the reference row is BoN(1), at KL 0 and win rate 1/2.
+    bon_rewards = [evaluation[m]["reward"] for m in ("reference", "BoN(2)", "BoN(4)")]
+    assert bon_rewards == sorted(bon_rewards) and bon_rewards[0] < bon_rewards[-1]
+    assert evaluation["reference"]["kl"] == 0.0
+    assert evaluation["reference"]["win_rate"] == pytest.approx(0.5)
+    assert 0.0 <= evaluation["policy"]["reward"] <= 1.0 and evaluation["policy"]["kl"] > 0.0
 
 
 def test_refcache_then_ppo_train_two_processes_zero3(tmp_path):
@@ -105,8 +125,10 @@ def test_refcache_then_ppo_train_two_processes_zero3(tmp_path):
     shards = sorted(p.name for p in (out / "refcache").glob("shard-*.parquet"))
     assert any("rank0" in s for s in shards) and any("rank1" in s for s in shards)
     scalars = read_scalars(out / "tensorboard")
-    for tag in [*REQUIRED_TAGS, "train/value_loss", "train/vf_clip_frac"]:
-        assert len(scalars[tag]) == 2, tag
+    assert_training_scalars(scalars, [1, 2], lr=3e-3, num_refs=16)
+    for tag in ["train/value_loss", "train/vf_clip_frac"]:
+        assert [step for step, _ in scalars[tag]] == [1, 2], tag
+    assert all(0.0 < value < math.inf for _, value in scalars["train/value_loss"])
     checkpoint = out / "checkpoints" / "step_00000002"
     assert {p.name for p in checkpoint.iterdir()} >= {
         "actor",
@@ -121,6 +143,28 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
+def kill_at_first_checkpoint_then_resume(config: Path, out: Path, step: int) -> None:
+    """Start `vbon train`, SIGKILL it once `step` is checkpointed, then run it again to the end."""
+    proc = start_vbon("train", "--config", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == f"step_{step:08d}"
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    result = vbon("train", "--config", str(config))
+    assert "resumed from" in result.stdout and f"at step {step}" in result.stdout
+
+
+def assert_same_final_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
 def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     straight = tiny_config_file(tmp_path, "straight", "train.steps=6", "train.checkpoint_every=3")
     vbon("refcache", "--config", str(straight))
@@ -128,22 +172,48 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
 
     killed = tiny_config_file(tmp_path, "killed", "train.steps=6", "train.checkpoint_every=3")
     vbon("refcache", "--config", str(killed))
-    proc = start_vbon("train", "--config", str(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text().strip() == "step_00000003"
-    assert not (tmp_path / "killed" / "final").exists(), "the run finished before it could be killed"
+    kill_at_first_checkpoint_then_resume(killed, tmp_path / "killed", step=3)
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "killed")
 
-    result = vbon("train", "--config", str(killed))
-    assert "resumed from" in result.stdout and "at step 3" in result.stdout
-    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One tiny model and its reference cache, reused by the offline-baseline runs."""
+    root = tmp_path_factory.mktemp("offline")
+    vbon("refcache", "--config", str(tiny_config_file(root, "shared")))
+    return root / "shared"
+
+
+# Few prompts, seen every step: the offline losses then move their quantity within a few steps.
+OFFLINE_RUN = ("train.steps=4", "train.checkpoint_every=2", "data.max_train_prompts=4", "algo.ppo_epochs=1")
+
+
+@pytest.mark.parametrize(
+    "algo, moved",
+    [("bon_sft", "train/chosen_nll"), ("dpo", "train/reward_margin"), ("ipo", "train/reward_margin"),
+     ("bonbon", "train/reward_margin")],
+)  # fmt: skip
+def test_offline_baseline_trains_and_resumes_bit_exactly(tmp_path, shared_cache, algo, moved):
+    overrides = (f"algo.name={algo}", f"model.actor={shared_cache / 'model'}", *OFFLINE_RUN)
+    runs = {}
+    for name in ("straight", "killed"):
+        runs[name] = tiny_config_file(tmp_path, name, *overrides)
+        shutil.copytree(shared_cache / "refcache", tmp_path / name / "refcache")
+    vbon("train", "--config", str(runs["straight"]))
+    kill_at_first_checkpoint_then_resume(runs["killed"], tmp_path / "killed", step=2)
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "killed")
+
+    scalars = read_scalars(tmp_path / "straight" / "tensorboard")
+    for tag in ["train/loss", "train/lr", "train/chosen_log_ratio", "perf/samples_per_sec", moved]:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
+    values = [value for _, value in scalars[moved]]
+    # Step 1 is measured before any update: the actor is the reference, so the log-ratio is 0.
+    assert scalars["train/chosen_log_ratio"][0][1] == pytest.approx(0.0, abs=1e-4)
+    if algo == "bon_sft":
+        assert values[-1] < values[0]  # the best answers' NLL falls
+    else:
+        assert values[0] == pytest.approx(0.0, abs=1e-4) and values[-1] > 0.1  # the margin opens
+        assert scalars["train/reward_accuracy"][-1][1] > 0.5
 
 
 def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(tmp_path):
@@ -167,7 +237,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(tmp_path):
 
 def test_refcache_interrupted_then_resumed_loses_and_duplicates_nothing(tmp_path):
     from vbon_ds.data import load_prompts
-    from vbon_ds.pipelines.refcache import all_prompts
+    from vbon_ds.pipelines.build_refcache import all_prompts
     from vbon_ds.refcache import RefCache
 
     config = tiny_config_file(tmp_path, "cache", "train.refcache_shard_prompts=4")

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from vbon_ds.config import ExperimentConfig, load_config
+from vbon_ds.batching import batch_sizes
+from vbon_ds.config import ConfigError, ExperimentConfig, load_config
 from vbon_ds.errors import VbonError
-from vbon_ds.pipelines import refcache
+from vbon_ds.monitor import read_scalars
+from vbon_ds.pipelines import build_refcache, evaluate
 from vbon_ds.pipelines.demo import demo_config
 from vbon_ds.pipelines.train import Trainer, objective_beta
 from vbon_ds.rewards import register_reward
@@ -41,11 +43,16 @@ def test_nan_rewards_skip_updates_and_stop_after_max_bad_steps(tmp_path, tiny_mo
         tmp_path / "nan",
         tiny_model,
         *["reward.function=nan_for_tests", "vbon.objective=kl_rl", "vbon.beta=0.1", "train.max_bad_steps=2",
-         "train.prompts_per_step=40", "train.micro_batch_size=40", "train.steps=5"],
+         "train.prompts_per_step=40", "train.micro_batch_size=40", "train.steps=5",
+         "train.checkpoint_every=1"],
     )  # fmt: skip
     trainer = Trainer(cfg)
     with pytest.raises(VbonError) as err:
         trainer.run()
+    # A skipped step still counts, logs and checkpoints on schedule (the run stops during step 2's record).
+    out = tmp_path / "nan"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert read_scalars(out / "tensorboard")["train/skipped_steps"] == [(1, 1.0), (2, 2.0)]
     message = str(err.value)
     assert "2 consecutive steps had non-finite rewards or losses" in message
     assert "(train.max_bad_steps=2)" in message
@@ -60,9 +67,25 @@ def test_nan_rewards_skip_updates_and_stop_after_max_bad_steps(tmp_path, tiny_mo
 def test_nan_reward_in_refcache_names_the_prompt(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "nan_cache", tiny_model, "reward.function=nan_for_tests")
     with pytest.raises(VbonError, match=r"reward is not finite for prompt \d+ \('[0-9a-f#]+'\)"):
-        refcache.run(cfg)
+        build_refcache.run(cfg)
 
 
 def test_objective_beta():
     assert objective_beta(load_config(None, ["vbon.n=5"])) == pytest.approx(0.25)
     assert objective_beta(load_config(None, ["vbon.objective=kl_rl", "vbon.beta=0.03"])) == 0.03
+
+
+def test_refcache_and_evaluate_do_not_need_valid_training_batch_sizes(tmp_path, tiny_model):
+    # 3 prompts per step make 3 answers per minibatch, no multiple of 2 sequences per micro-batch:
+    # training would refuse this config, the inference-only jobs must not care.
+    cfg = tiny_config(
+        tmp_path / "sizes", tiny_model, "train.prompts_per_step=3", "train.micro_batch_size=2",
+        "algo.samples_per_prompt=1", "algo.name=ppo",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size"):
+        batch_sizes(cfg, 1)
+    summary = build_refcache.run(cfg)
+    assert (summary.num_prompts, summary.num_ref_samples) == (48, 16)
+    rows = evaluate.run(cfg)
+    policy = next(row for row in rows if row.method == "policy")
+    assert policy.kl == pytest.approx(0.0, abs=1e-5)  # untrained: the actor is the reference

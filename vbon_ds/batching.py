@@ -58,3 +58,18 @@ def batch_sizes(cfg: ExperimentConfig, world_size: int) -> BatchSizes:
         micro_batch_per_rank=train.micro_batch_size,
         gradient_accumulation_steps=per_rank // train.micro_batch_size,
     )
+
+
+def inference_batch_sizes(cfg: ExperimentConfig, world_size: int) -> BatchSizes:
+    """Sizes for jobs that only run frozen engines (refcache, evaluate): nothing trains, so the training
+    batch fields need not divide anything; DeepSpeed still wants a consistent micro-batch arithmetic."""
+    micro = cfg.train.micro_batch_size
+    return BatchSizes(
+        world_size=world_size,
+        prompts_per_step=0,
+        prompts_per_rank=0,
+        rollout_samples=0,
+        minibatch_samples=micro * world_size,
+        micro_batch_per_rank=micro,
+        gradient_accumulation_steps=1,
+    )

@@ -1,6 +1,6 @@
 """Best-of-N math: the exact BoN distribution, the reference-reward CDF estimator and vBoN rewards.
 
-Pure functions on tensors (no I/O, no DeepSpeed). Notation follows ../shared/PAPER.md:
+Pure functions on tensors (no I/O, no DeepSpeed). Notation and derivations: docs/math.md.
 F_<(v) = P_ref[r < v], F_<=(v) = P_ref[r <= v], and for N samples with ties broken uniformly
 
     pi_BoN(y) = pi_ref(y) * (F_<=^N - F_<^N) / (F_<= - F_<)   evaluated at v = r(y).
@@ -88,12 +88,12 @@ def bon_log_probs(ref_log_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     return out.to(ref_log_probs.dtype)
 
 
-def _sorted_refs(rewards: Tensor, ref_rewards: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+def _sorted_refs(rewards: Tensor, ref_rewards: Tensor, presorted: bool) -> tuple[Tensor, Tensor, torch.Size]:
     """Validate shapes; return sorted references, rewards laid out for searchsorted, and the output shape."""
     if ref_rewards.dim() not in (1, 2) or ref_rewards.shape[-1] == 0:
         raise ValueError(f"ref_rewards must be [M] or [B, M] with M >= 1, got {tuple(ref_rewards.shape)}")
     dtype = torch.promote_types(rewards.dtype, ref_rewards.dtype)
-    refs = torch.sort(ref_rewards.to(dtype), dim=-1).values
+    refs = ref_rewards.to(dtype) if presorted else torch.sort(ref_rewards.to(dtype), dim=-1).values
     values = rewards.to(dtype).contiguous()
     if ref_rewards.dim() == 1:
         return refs, values.reshape(-1), rewards.shape
@@ -112,22 +112,23 @@ def _log_smoothed(counts: Tensor, num_refs: int, like: Tensor) -> Tensor:
     return (torch.log1p(counts.to(work)) - math.log(num_refs + 1)).to(dtype)
 
 
-def log_cdf(rewards: Tensor, ref_rewards: Tensor) -> Tensor:
+def log_cdf(rewards: Tensor, ref_rewards: Tensor, *, presorted: bool = False) -> Tensor:
     """Smoothed empirical log F_hat(r) = log((1 + #{ref < r}) / (M + 1)), the paper's estimator of log F_<.
 
     `ref_rewards` is [M] (any shape of `rewards`) or [B, M], one row per prompt (`rewards` [B] or [B, K]).
     By sort + searchsorted, O((M + K) log M) per row. The result lies in [-log(M + 1), 0] and has the shape
-    of `rewards`, in its float dtype.
+    of `rewards`, in its float dtype. `presorted`: each row of `ref_rewards` is already ascending (the
+    reference cache stores them so), which skips the sort.
     """
-    refs, values, shape = _sorted_refs(rewards, ref_rewards)
+    refs, values, shape = _sorted_refs(rewards, ref_rewards, presorted)
     below = torch.searchsorted(refs, values, side="left")
     return _log_smoothed(below, refs.shape[-1], rewards).reshape(shape)
 
 
-def log_cdf_ties(rewards: Tensor, ref_rewards: Tensor) -> tuple[Tensor, Tensor]:
+def log_cdf_ties(rewards: Tensor, ref_rewards: Tensor, *, presorted: bool = False) -> tuple[Tensor, Tensor]:
     """(log F_hat_<, log F_hat_<=), both add-one smoothed: log((1 + #{ref < r}) / (M + 1)) and the same
-    with #{ref <= r}. Shapes as in `log_cdf`; the first is exactly `log_cdf`."""
-    refs, values, shape = _sorted_refs(rewards, ref_rewards)
+    with #{ref <= r}. Shapes and `presorted` as in `log_cdf`; the first is exactly `log_cdf`."""
+    refs, values, shape = _sorted_refs(rewards, ref_rewards, presorted)
     below = torch.searchsorted(refs, values, side="left")
     at_or_below = torch.searchsorted(refs, values, side="right")
     num_refs = refs.shape[-1]
@@ -143,6 +144,8 @@ def vbon_reward(
     n: int,
     estimator: str = "bound",
     ended_with_eos: Tensor | None = None,
+    *,
+    presorted: bool = False,
 ) -> Tensor:
     """Per-sample vBoN reward, to be maximised with KL coefficient beta = vbon_beta(n) = 1/(N-1).
 
@@ -157,16 +160,16 @@ def vbon_reward(
     the estimator can take, as if its reward were below every reference reward: -log(M + 1) for "bound",
     -log(M + 1) + log(N)/(N-1) for "exact". (A fixed low raw reward would land mid-distribution among the
     reference rewards, and so would not be a penalty under log F.)
-    Shapes as in `log_cdf`.
+    Shapes and `presorted` as in `log_cdf`.
     """
     _check_n(n, minimum=2)
     if ended_with_eos is not None:
         rewards = torch.where(ended_with_eos.bool(), rewards, torch.full_like(rewards, -math.inf))
     if estimator == "bound":
-        return log_cdf(rewards, ref_rewards)
+        return log_cdf(rewards, ref_rewards, presorted=presorted)
     if estimator != "exact":
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    log_lt, log_le = log_cdf_ties(rewards, ref_rewards)
+    log_lt, log_le = log_cdf_ties(rewards, ref_rewards, presorted=presorted)
     return _log_bon_ratio(log_le, log_lt - log_le, n) / (n - 1)
 
 

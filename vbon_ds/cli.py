@@ -71,14 +71,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(format_plan(plan, args.gpu_memory_gb))
 
 
-def _pipeline(name: str) -> Callable[[argparse.Namespace], None]:
-    """A subcommand that loads the config and hands it to vbon_ds.pipelines.<name>.run."""
+def _pipeline(module: str) -> Callable[[argparse.Namespace], None]:
+    """A subcommand that loads the config and hands it to vbon_ds.pipelines.<module>.run."""
 
     def command(args: argparse.Namespace) -> None:
         import importlib
 
         cfg = load_config(args.config, args.overrides)
-        importlib.import_module(f"vbon_ds.pipelines.{name}").run(cfg)
+        importlib.import_module(f"vbon_ds.pipelines.{module}").run(cfg)
 
     return command
 
@@ -92,24 +92,27 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def _cmd_refcache(args: argparse.Namespace) -> None:
-    from vbon_ds.pipelines import refcache
+    from vbon_ds.pipelines import build_refcache
 
-    refcache.run(load_config(args.config, args.overrides), part=args.part)
+    build_refcache.run(load_config(args.config, args.overrides), part=args.part)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vbon", description="Variational Best-of-N alignment with DeepSpeed.")
+    # The deepspeed launcher passes --local_rank=K before the subcommand unless given --no_local_rank;
+    # the rank comes from LOCAL_RANK in the environment either way.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    for name, help_text in (
-        ("train", "train a policy with vBoN (or the KL-RL baseline) on DeepSpeed engines"),
-        ("refcache", "sample M reference answers per prompt, score them, cache sorted rewards"),
-        ("evaluate", "compare policy, reference and BoN(N): reward, KL, win rate, temperatures"),
-        ("bon", "Best-of-N sampling baseline from the reference cache"),
+    for name, module, help_text in (
+        ("train", "train", "train a policy with vBoN, KL-RL or an offline baseline on DeepSpeed engines"),
+        ("refcache", "build_refcache", "sample M reference answers per prompt, score them, cache them"),
+        ("evaluate", "evaluate", "compare policy, reference and BoN(N): reward, KL, win rate, temperatures"),
+        ("bon", "bon_sampling", "Best-of-N sampling baseline from the reference cache"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
-        p.set_defaults(func=_pipeline(name))
+        p.set_defaults(func=_pipeline(module))
     refcache = sub.choices["refcache"]
     refcache.add_argument(
         "--part",

@@ -120,10 +120,10 @@ class VbonConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = choice("ppo", "ppo", "rloo")
-    """Advantage estimator: PPO (GAE + critic) or RLOO (leave-one-out over K samples per prompt)."""
+    name: str = choice("ppo", "ppo", "rloo", "bon_sft", "dpo", "ipo", "bonbon")
+    """ppo (GAE + critic) or rloo (leave-one-out) on rollouts; bon_sft, dpo, ipo, bonbon on cached answers."""
     samples_per_prompt: int = bounded(1, 1)
-    """K: answers rolled out per prompt each step (RLOO needs K >= 2)."""
+    """K: answers rolled out per prompt each step (RLOO needs K >= 2); offline: N-subsets drawn per prompt."""
     ppo_epochs: int = bounded(4, 1)
     """Passes over each rollout batch."""
     num_minibatches: int = bounded(1, 1)
@@ -142,6 +142,12 @@ class AlgoConfig:
     """Normalise advantages to zero mean, unit variance over the batch."""
     kl_estimator: str = choice("k1", "k1", "k2", "k3")
     """Per-token KL estimator in the reward penalty (k1 = log pi - log pi_ref, as in the paper)."""
+    dpo_beta: float = bounded(0.1, 0.0, open_low=True)
+    """DPO's KL strength beta in -log sigmoid(beta * margin) (0.1 as in the DPO paper)."""
+    ipo_beta: float | None = bounded(None, 0.0, open_low=True)
+    """IPO and BoNBoN beta (margin target 1/(2 beta)); null: BoNBoN's 1/(2 (N-1) H_(N-1)) for N answers."""
+    bonbon_alpha: float = bounded(0.005, 0.0, 1.0)
+    """BoNBoN's weight of the SFT term (summed NLL of the best answer) against (1 - alpha) * IPO."""
 
 
 @dataclass
@@ -209,7 +215,7 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero3"
-    """DeepSpeed JSON: a name in ds_configs/ (zero2, zero3, zero3_offload) or a path to a file."""
+    """DeepSpeed JSON: zero2, zero3 or zero3_offload (in vbon_ds/resources/ds_configs/) or your own file."""
     reference_offload: bool = False
     """Keep the frozen reference and reward parameters on CPU (ZeRO-3 offload)."""
     force_stage: bool = False
@@ -459,6 +465,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             "algo.samples_per_prompt: RLOO needs at least 2 samples per prompt, "
             f"got {cfg.algo.samples_per_prompt}"
+        )
+    if cfg.algo.name in ("bon_sft", "dpo", "ipo", "bonbon") and cfg.vbon.n > cfg.vbon.num_ref_samples:
+        raise ConfigError(
+            f"vbon.n: algo.name={cfg.algo.name} takes the best of N={cfg.vbon.n} cached answers, but the "
+            f"cache holds vbon.num_ref_samples={cfg.vbon.num_ref_samples} per prompt"
         )
     if cfg.generation.min_new_tokens > cfg.generation.max_new_tokens:
         raise ConfigError(

@@ -112,8 +112,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
-def rloo_advantages(scores: Tensor, k: int) -> Tensor:
-    """REINFORCE leave-one-out advantages: each score minus the mean of the other k - 1 for its prompt.
+def whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Zero mean, unit (population) variance over every element of `x` (e.g. one advantage per answer)."""
+    return masked_whiten(x, torch.ones_like(x), eps=eps)
+
+
+def leave_one_out(scores: Tensor, k: int) -> Tensor:
+    """Each score minus the mean of the other k - 1 scores of its prompt (REINFORCE leave-one-out baseline).
 
     `scores` is [B, k] or flat [B * k] with each prompt's k samples contiguous (repeat_interleave order);
     the result has the same shape.
@@ -127,14 +132,47 @@ def rloo_advantages(scores: Tensor, k: int) -> Tensor:
     return (grouped - baseline).reshape(scores.shape)
 
 
+def rloo_advantages(
+    objective_rewards: Tensor, kl: Tensor, mask: Tensor, beta: float | Tensor, k: int, whiten_advantages: bool
+) -> Tensor:
+    """RLOO: one advantage per answer [B], to be broadcast over its tokens.
+
+    The sequence reward is the per-token KL-shaped reward summed over the answer (`shape_rewards`), i.e.
+    objective reward - beta * summed KL; the advantage is its leave-one-out difference over the k answers
+    of each prompt, whitened over the answers (not over tokens, which would weight long answers more).
+    """
+    sequence_rewards = shape_rewards(objective_rewards, kl, mask, beta).sum(-1)
+    advantages = leave_one_out(sequence_rewards, k)
+    return whiten(advantages) if whiten_advantages else advantages
+
+
+def ppo_advantages(
+    objective_rewards: Tensor,
+    kl: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    beta: float,
+    gamma: float,
+    lam: float,
+    whiten_advantages: bool,
+) -> tuple[Tensor, Tensor]:
+    """PPO: per-token advantages and returns [B, T] by GAE on the KL-shaped per-token rewards.
+
+    Advantages are whitened over the valid tokens of the batch when asked; the returns (value targets) never.
+    """
+    advantages, returns = gae(shape_rewards(objective_rewards, kl, mask, beta), values, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return advantages, returns
+
+
 def ppo_policy_loss(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss, averaged over valid tokens; returns (loss, stats).
 
     `advantages` is per token [B, T] or per sequence [B] (broadcast over its tokens). Stats (detached):
-    `approx_kl` (k3 estimate of KL(old || new)), `clip_frac` (share of tokens where the clip is active),
-    `ratio` (mean probability ratio).
+    `approx_kl` (k3 estimate of KL(old || new)) and `clip_frac` (share of tokens where the clip is active).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -148,7 +186,6 @@ def ppo_policy_loss(
         stats = {
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
-            "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
 
@@ -175,10 +212,10 @@ def sft_nll(logp: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(-logp, mask)
 
 
-def _pair_margin(
+def pair_margin(
     chosen_logp: Tensor, rejected_logp: Tensor, ref_chosen_logp: Tensor, ref_rejected_logp: Tensor
 ) -> Tensor:
-    # Difference of the implicit rewards log(pi / pi_ref) of chosen and rejected, per pair.
+    """Implicit-reward margin per pair: log(pi / pi_ref) of the chosen minus that of the rejected answer."""
     return (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)
 
 
@@ -190,7 +227,7 @@ def dpo_loss(
     beta: float,
 ) -> Tensor:
     """DPO loss -log sigmoid(beta * margin), mean over pairs; inputs are sequence log-probs [B]."""
-    margin = _pair_margin(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    margin = pair_margin(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
     return -F.logsigmoid(beta * margin).mean()
 
 
@@ -202,5 +239,36 @@ def ipo_loss(
     beta: float,
 ) -> Tensor:
     """IPO loss (margin - 1/(2 beta))^2, mean over pairs (Azar et al. 2023); the pair term of BoNBoN."""
-    margin = _pair_margin(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
+    margin = pair_margin(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
     return ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
+
+
+def ipo_target_beta(n: int) -> float:
+    """BoNBoN's IPO coefficient for best-vs-worst of n pairs: 1 / (2 (n - 1) H_{n-1}) (docs/math.md).
+
+    Under pi_BoN (no ties) the expected log-ratio margin of the best over the worst of n reference samples is
+    (n - 1) H_{n-1}, with H the harmonic number; IPO drives the margin to 1 / (2 beta), so this beta makes
+    the fixed point the BoN distribution's own margin.
+    """
+    if n < 2:
+        raise ValueError(f"n must be >= 2 for a best-vs-worst pair, got {n}")
+    return 1.0 / (2.0 * (n - 1) * sum(1.0 / k for k in range(1, n)))
+
+
+def bonbon_loss(
+    chosen_logp: Tensor,
+    rejected_logp: Tensor,
+    ref_chosen_logp: Tensor,
+    ref_rejected_logp: Tensor,
+    alpha: float,
+    beta: float,
+) -> Tensor:
+    """BoNBoN (Gui et al. 2024): alpha * SFT(best) + (1 - alpha) * IPO(best, worst), mean over pairs.
+
+    As in the authors' code the SFT term is the negative sequence log-likelihood of the best answer (summed
+    over its tokens, not averaged), so `alpha` weighs nats per answer against the squared IPO margin.
+    """
+    sft = -chosen_logp.mean()
+    return alpha * sft + (1.0 - alpha) * ipo_loss(
+        chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta
+    )

@@ -15,12 +15,10 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal_name = ""
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts
             if os.environ.get("RANK", "0") == "0":  # os.write: the handler may interrupt a print

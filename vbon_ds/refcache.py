@@ -5,11 +5,10 @@ Layout of `<output_dir>/refcache/`:
                                   written once the first shard is complete
   shard-rank{r}-{k:05d}.parquet   a chunk of prompts written by rank r; it appears only once complete and
                                   carries a hash of the fingerprint it was made under (checked on read)
-  summary.json                    written by `validate_cache`: prompts, M and shards at the last check
 
 Each record keeps the answers and their rewards in draw order (BoN sampling takes the best of the first N
-draws; BoN-SFT the best of N; BoNBoN/DPO the best and the worst of N) and the rewards sorted ascending, the
-rank statistics behind log F_hat. Records keep their prompt text: a cache made for other texts under the
+draws; the offline baselines the best and the worst of random N-subsets) and the rewards sorted ascending,
+the rank statistics behind log F_hat. Records keep their prompt text: a cache made for other texts under the
 same prompt ids is refused when prompts are given to check against. This module only stores and reads: the
 refcache pipeline samples and scores, partitions prompts across ranks, and skips `done_prompt_ids` on a
 resumed run.
@@ -40,7 +39,6 @@ from vbon_ds.errors import VbonError, writing
 FORMAT_VERSION = 2
 SETTINGS_KEY = b"vbon_fingerprint_sha256"
 FINGERPRINT_FILE = "fingerprint.json"
-SUMMARY_FILE = "summary.json"
 SHARD_GLOB = "shard-rank*-*.parquet"
 SHARD_SCHEMA = pa.schema(
     [
@@ -71,10 +69,6 @@ class RefRecord:
         """Index of the highest-reward answer among the first `n` draws."""
         # Draws are i.i.d., so taking the earliest among tied answers is a uniform tie-break in distribution.
         return max(self._first(n), key=lambda i: (self.rewards[i], -i))
-
-    def worst_of(self, n: int) -> int:
-        """Index of the lowest-reward answer among the first `n` draws."""
-        return min(self._first(n), key=lambda i: (self.rewards[i], i))
 
     def _first(self, n: int) -> range:
         if not 1 <= n <= len(self.rewards):
@@ -299,8 +293,8 @@ class RefCache:
 
 def validate_cache(root: str | Path, expected_ids: Iterable[str] | None = None) -> CacheSummary:
     """Check every record (M finite rewards, sorted copy consistent, M answers) and that `expected_ids` are
-    all present (given as an id -> text mapping, the cached prompt texts must match too); write
-    `summary.json` and return the summary, or raise a VbonError naming shard and prompt."""
+    all present (given as an id -> text mapping, the cached prompt texts must match too); return the
+    summary, or raise a VbonError naming shard and prompt."""
     root = Path(root)
     m = _load_fingerprint(root)["num_ref_samples"]
     found: set[str] = set()
@@ -331,9 +325,7 @@ def validate_cache(root: str | Path, expected_ids: Iterable[str] | None = None) 
             f"the reference cache {root} lacks {len(missing)} prompts (e.g. {missing[0]!r}); "
             "rerun `vbon refcache` to complete it"
         )
-    summary = CacheSummary(num_prompts=len(found), num_ref_samples=m, num_shards=shards)
-    _write_json(root / SUMMARY_FILE, asdict(summary))
-    return summary
+    return CacheSummary(num_prompts=len(found), num_ref_samples=m, num_shards=shards)
 
 
 # ---------------------------------------------------------------- helpers

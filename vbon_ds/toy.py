@@ -9,7 +9,7 @@ integer score with many ties).
 Every method sees the same cache of M reference samples, as in the real pipeline: vBoN reads F from it
 through `vbon_ds.bon.vbon_reward`, BoN-SFT trains on the best of each N of it, and KL-RL uses the raw
 reward. Training uses either exact expectations over all sequences or sampled policy gradients with the
-trainer's losses (k1 KL penalty, RLOO advantages, PPO loss). Evaluation is always exact.
+trainer's functions (k1 KL penalty, `losses.rloo_advantages`, PPO loss). Evaluation is always exact.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from vbon_ds.bon import bon_log_probs, vbon_beta, vbon_reward
-from vbon_ds.losses import kl_penalty, ppo_policy_loss, rloo_advantages, sft_nll, shape_rewards
+from vbon_ds.losses import kl_penalty, ppo_policy_loss, rloo_advantages, sft_nll
 
 NUM_REFS = 512  # M: reference samples per prompt in the cache
 KL_RL_BETAS = torch.logspace(-2, 1, 25).tolist()  # KL-RL sweep, in units of the reward's std under pi_ref
@@ -164,8 +164,10 @@ def train_rl(world: ToyWorld, rewards: Tensor, betas: Tensor, sampled: bool, gen
         mask = torch.ones_like(logp)
         kl = kl_penalty(logp.detach(), ref_tokens[ids].flatten(0, 1), "k1")
         beta = betas.repeat_interleave(SAMPLES_PER_STEP).unsqueeze(-1)
-        shaped = shape_rewards(rewards.gather(1, ids).flatten(), kl, mask, beta)
-        advantages = rloo_advantages(shaped.sum(-1), SAMPLES_PER_STEP)
+        # The trainer's advantage function; unwhitened, since whitening would pool the R runs' scales.
+        advantages = rloo_advantages(
+            rewards.gather(1, ids).flatten(), kl, mask, beta, SAMPLES_PER_STEP, whiten_advantages=False
+        )
         return ppo_policy_loss(logp, logp.detach(), advantages, mask, CLIP_RANGE)[0]
 
     if sampled:

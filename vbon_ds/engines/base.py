@@ -1,7 +1,7 @@
 """`DeepSpeedModel`: one Hugging Face model inside one DeepSpeed engine, trainable or frozen.
 
-The policy, critic and reward-model wrappers build on it; the trainer sees only `backward`, `step`,
-`current_lr`, `train`/`eval` and never the DeepSpeed engine itself (checkpoint.py reaches `.ds`).
+The policy, critic and reward-model wrappers build on it; the trainer sees only `backward`, `step` and
+`current_lr`, never the DeepSpeed engine itself (checkpoint.py and weights.py reach `.ds`).
 """
 
 from __future__ import annotations
@@ -82,9 +82,3 @@ class DeepSpeedModel:
     def current_lr(self) -> float:
         self._require_trainable("current_lr")
         return float(self.ds.get_lr()[0])
-
-    def train(self) -> None:
-        self.ds.train()
-
-    def eval(self) -> None:
-        self.ds.eval()

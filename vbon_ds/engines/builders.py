@@ -105,7 +105,7 @@ def _initialize(
     lora: bool = False,
 ) -> tuple[Any, Any]:
     """(DeepSpeed engine, its HfDeepSpeedConfig) for the model that `load(dtype=...)` returns from `path`,
-    optionally wrapped in another module by `wrap`; `lora`: a trainable model may get LoRA adapters."""
+    optionally wrapped in another module by `wrap`; `lora`: the model gets LoRA adapters (the actor's)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -119,8 +119,9 @@ def _initialize(
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     scheduler = None
+    # A frozen actor (evaluation) gets the adapters too, so a LoRA checkpoint's weights load by name.
+    apply_trainable_subset(model, cfg.model, cfg.train.seed, lora=lora)
     if trainable:
-        apply_trainable_subset(model, cfg.model, cfg.train.seed, lora=lora)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         factor = functools.partial(
@@ -170,12 +171,13 @@ def _policy(
     path: str,
     gguf_file: str,
     trainable: bool,
+    lora: bool = False,
 ) -> PolicyEngine:
     load = functools.partial(
         load_causal_lm, path, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf_file
     )
     engine, hf_ds_config = _initialize(
-        cfg, sizes, path, load, trainable=trainable, lr=cfg.train.lr, gguf_file=gguf_file, lora=trainable
+        cfg, sizes, path, load, trainable=trainable, lr=cfg.train.lr, gguf_file=gguf_file, lora=lora
     )
     return PolicyEngine(
         engine,
@@ -186,9 +188,13 @@ def _policy(
     )
 
 
-def build_actor(cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase) -> PolicyEngine:
-    """The trainable policy (model.actor)."""
-    return _policy(cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=True)
+def build_actor(
+    cfg: ExperimentConfig, sizes: BatchSizes, tokenizer: PreTrainedTokenizerBase, trainable: bool = True
+) -> PolicyEngine:
+    """The policy (model.actor): trainable, or frozen for evaluation (weights loaded from a checkpoint)."""
+    return _policy(
+        cfg, sizes, tokenizer, cfg.model.actor, cfg.model.gguf_file, trainable=trainable, lora=True
+    )
 
 
 def build_reference(

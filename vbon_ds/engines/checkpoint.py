@@ -385,6 +385,12 @@ def load_checkpoint(path: str | Path, engines: dict[str, DeepSpeedModel]) -> dic
     rng_file = step_dir / f"rng_rank{distributed.rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh streams there
         _set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    return read_trainer_state(step_dir)
+
+
+def read_trainer_state(step_dir: str | Path) -> dict[str, Any]:
+    """The trainer's own state saved in a step directory (JSON + safetensors, no pickle)."""
+    step_dir = Path(step_dir)
     tensors = load_file(str(step_dir / TRAINER_TENSORS)) if (step_dir / TRAINER_TENSORS).is_file() else {}
     return _join_tensors(json.loads((step_dir / TRAINER_STATE).read_text(encoding="utf-8")), tensors)
 

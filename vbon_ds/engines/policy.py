@@ -243,7 +243,8 @@ class PolicyEngine(DeepSpeedModel):
         # Hidden state t predicts token t + 1: positions P-1 .. T-2 predict the response tokens.
         keep = torch.arange(prompt_length - 1, sequences.shape[1] - 1, device=sequences.device)
         with _lm_head_returns_logprobs(self.module, labels, temperature, return_entropy):
-            out = self.ds(
+            # The patched head returns log-probs; Hugging Face hands them back in its `logits` field.
+            logprobs = self.ds(
                 input_ids=sequences,
                 attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask),
@@ -251,5 +252,5 @@ class PolicyEngine(DeepSpeedModel):
                 use_cache=False,
             ).logits
         if not return_entropy:
-            return out
-        return out[..., 0], out[..., 1] * response_mask
+            return logprobs
+        return logprobs[..., 0], logprobs[..., 1] * response_mask

@@ -122,7 +122,7 @@ def run_demo(
     preset: str = "smollm2", output_dir: str | Path | None = None, extra: list[str] | None = None
 ) -> None:
     """refcache -> train -> evaluate on the preset, printing the evaluation table at the end."""
-    from vbon_ds.pipelines import refcache
+    from vbon_ds.pipelines import build_refcache
     from vbon_ds.pipelines.evaluate import evaluate, format_table, write_report
     from vbon_ds.pipelines.train import Trainer
 
@@ -135,10 +135,10 @@ def run_demo(
                 f"vbon demo ({preset}): outputs in {output_dir}; "
                 f"TensorBoard: tensorboard --logdir {output_dir}"
             )
-        refcache.run(cfg)
+        build_refcache.run(cfg)
         trainer = Trainer(cfg)
         trainer.run()
-        rows = evaluate(cfg, trainer.actor, trainer.reference, trainer.scorer, trainer.tokenizer)
+        rows = evaluate(cfg, trainer.engines)
         out = write_report(cfg, rows)
     if distributed.is_main():
         print(f"\nvBoN with N={cfg.vbon.n} after {trainer.step} steps ({out}/results.md, reward_kl.png):")

@@ -22,10 +22,13 @@ from vbon_ds import bon
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.data import load_prompts
 from vbon_ds.engines import distributed
+from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.engines.policy import PolicyEngine
-from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.engines.weights import load_trained_weights
 from vbon_ds.errors import writing
-from vbon_ds.pipelines.rollout import rollout_logprobs, sample_and_score, shard_evenly
+from vbon_ds.pipelines.engines import Engines, build_engines
+from vbon_ds.pipelines.experience import TokenBatch, policy_logprobs
+from vbon_ds.pipelines.rollout import sample_and_score, shard_evenly
 from vbon_ds.refcache import RefCache, open_refcache
 
 
@@ -42,10 +45,10 @@ class EvalRow:
     kl_is_bound: bool = False
 
 
-def win_rate_vs_reference(scores: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
-    """Per prompt: P(score beats a cached reference answer), ties counting half. scores [B], refs [B, M]."""
-    below = (ref_rewards < scores[:, None]).double().mean(1)
-    tied = (ref_rewards == scores[:, None]).double().mean(1)
+def win_rate_vs_reference(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
+    """Per answer: P(its reward beats a cached reference answer's), ties counting half. [B] and [B, M]."""
+    below = (ref_rewards < rewards[:, None]).double().mean(1)
+    tied = (ref_rewards == rewards[:, None]).double().mean(1)
     return below + 0.5 * tied
 
 
@@ -70,37 +73,32 @@ def bon_rows(ref_rewards: torch.Tensor, n_main: int) -> list[EvalRow]:
 
 @torch.no_grad()
 def policy_rows(
-    cfg: ExperimentConfig,
-    actor: PolicyEngine,
-    reference: PolicyEngine,
-    scorer: RewardScorer,
-    tokenizer: object,
-    cache: RefCache,
-    label: str = "policy",
+    cfg: ExperimentConfig, engines: Engines, policy: PolicyEngine, cache: RefCache, label: str = "policy"
 ) -> list[EvalRow]:
-    """Sample the actor generation.eval_samples times per evaluation prompt at every eval temperature."""
+    """Sample `policy` generation.eval_samples times per evaluation prompt at every eval temperature."""
     prompts = load_prompts(cfg.data, "eval")
     k = cfg.generation.eval_samples
     mine, real = shard_evenly(list(range(len(prompts))), distributed.rank(), distributed.world_size())
-    texts = [prompts.texts[i] for i in mine for _ in range(k)]
+    prompt_texts = [prompts.texts[i] for i in mine for _ in range(k)]
     real_ids = [prompts.ids[i] for i in mine[:real] for _ in range(k)]
+    size = cfg.train.micro_batch_size
     rows = []
     for temperature in cfg.generation.eval_temperatures:
         scored = sample_and_score(
-            actor, scorer, tokenizer, texts, cfg.generation,
+            policy, engines.scorer, engines.tokenizer, prompt_texts, cfg.generation,
             max_prompt_tokens=cfg.data.max_prompt_tokens, temperature=temperature,
         )  # fmt: skip
-        r = scored.rollout
-        logp = rollout_logprobs(actor, r, temperature, cfg.train.micro_batch_size)
-        ref_logp = rollout_logprobs(reference, r, temperature, cfg.train.micro_batch_size)
-        kl = ((logp - ref_logp) * r.response_mask).sum(1)
-        scores = scored.scores[: real * k].to(torch.float64)
+        batch = TokenBatch.of(scored.rollout)
+        logp = policy_logprobs(policy, batch, temperature, size)
+        ref_logp = policy_logprobs(engines.reference, batch, temperature, size)
+        kl = ((logp - ref_logp) * batch.response_mask).sum(1)
+        rewards = scored.rewards[: real * k].to(torch.float64)
         refs = cache.rewards_for(real_ids).to(torch.float64)
         local = {
-            "reward": scores.tolist(),
+            "reward": rewards.tolist(),
             "kl": kl[: real * k].tolist(),
-            "win": win_rate_vs_reference(scores, refs).tolist(),
-            "log_f": bon.log_cdf(scores, refs).tolist(),
+            "win": win_rate_vs_reference(rewards, refs).tolist(),
+            "log_f": bon.log_cdf(rewards, refs, presorted=True).tolist(),
         }
         gathered = distributed.all_gather_object(local)
         mean = {key: statistics.fmean(v for g in gathered for v in g[key]) for key in local}
@@ -174,29 +172,32 @@ def write_report(cfg: ExperimentConfig, rows: list[EvalRow]) -> Path:
     return out
 
 
-def evaluate(
-    cfg: ExperimentConfig,
-    actor: PolicyEngine,
-    reference: PolicyEngine,
-    scorer: RewardScorer,
-    tokenizer: object,
-) -> list[EvalRow]:
-    """The whole table for engines that are already built (the demo reuses the trainer's)."""
+def evaluate(cfg: ExperimentConfig, engines: Engines) -> list[EvalRow]:
+    """The whole table for engines that are already built (actor, reference and scorer; the demo reuses
+    the trainer's)."""
     cache = open_refcache(cfg)
     eval_ids = load_prompts(cfg.data, "eval").ids
     rows = bon_rows(cache.rewards_for(eval_ids).double(), cfg.vbon.n)
-    rows += policy_rows(cfg, reference, reference, scorer, tokenizer, cache, label="reference (fresh)")
-    rows += policy_rows(cfg, actor, reference, scorer, tokenizer, cache)
+    rows += policy_rows(cfg, engines, engines.reference, cache, label="reference (fresh)")
+    rows += policy_rows(cfg, engines, engines.actor, cache)
     return rows
 
 
 def run(cfg: ExperimentConfig) -> list[EvalRow]:
-    """Evaluate the latest checkpoint of this config's run (or the untrained actor if there is none)."""
-    from vbon_ds.pipelines.train import Trainer
+    """Evaluate the latest checkpoint of this config's run (or the untrained actor if there is none).
 
-    trainer = Trainer(cfg)  # builds the engines and loads the latest checkpoint (train.resume=auto)
-    rows = evaluate(cfg, trainer.actor, trainer.reference, trainer.scorer, trainer.tokenizer)
+    Inference engines only: no critic, no optimizer, no TensorBoard writer; the actor's weights are read
+    from the checkpoint files, so any world size and any training batch sizes work.
+    """
+    engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    checkpoint = distributed.broadcast_object(resume_checkpoint(root) if distributed.is_main() else None)
+    steps = 0
+    if checkpoint is not None:
+        load_trained_weights(engines.actor, checkpoint / "actor")
+        steps = int(read_trainer_state(checkpoint)["step"])
+    rows = evaluate(cfg, engines)
     out = write_report(cfg, rows)
     if distributed.is_main():
-        print(f"evaluation after {trainer.step} training steps ({out}):\n{format_table(rows)}")
+        print(f"evaluation after {steps} training steps ({out}):\n{format_table(rows)}")
     return rows

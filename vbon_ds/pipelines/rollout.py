@@ -6,9 +6,8 @@ calls: callers hand each rank the same number of prompts (`shard_evenly` pads wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -88,12 +87,12 @@ def response_token_ids(rollout: Rollout) -> list[list[int]]:
 
 @dataclass
 class ScoredRollout:
-    """Answers to a batch of prompts, their texts and their scores (raw rewards)."""
+    """Answers to a batch of prompts, their texts and their raw rewards."""
 
     rollout: Rollout
-    texts: list[str]
-    scores: torch.Tensor
-    """[B] float32 raw rewards (missing_eos_score applied; answers that ended with EOS scored with it)."""
+    responses: list[str]
+    rewards: torch.Tensor
+    """[B] float32 raw rewards r(x, y) (missing_eos_score applied; scored with EOS where an answer has it)."""
 
 
 def sample_and_score(
@@ -126,31 +125,6 @@ def sample_and_score(
             )
         )
     rollout = concat_rollouts(parts, tokenizer.pad_token_id)
-    texts = response_texts(tokenizer, rollout)
-    scores = scorer.score(list(prompts), texts, ended_with_eos=rollout.ended_with_eos)
-    return ScoredRollout(rollout=rollout, texts=texts, scores=scores)
-
-
-def in_micro_batches(fn: Callable[[torch.Tensor, torch.Tensor], Any], rollout: Rollout, size: int) -> Any:
-    """Apply fn(sequences, attention_mask) per micro-batch of `size` rows and concatenate the results
-    (tuples elementwise): forward passes over a whole rollout without its whole activation memory."""
-    outs = [
-        fn(rollout.sequences[i : i + size], rollout.attention_mask[i : i + size])
-        for i in range(0, rollout.sequences.shape[0], size)
-    ]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
-    return torch.cat(outs)
-
-
-def rollout_logprobs(
-    policy: PolicyEngine, rollout: Rollout, temperature: float, size: int, with_entropy: bool = False
-) -> Any:
-    """`policy.response_logprobs` of every answer in `rollout`, micro-batched ((logp, entropy) if asked)."""
-    return in_micro_batches(
-        lambda seqs, mask: policy.response_logprobs(
-            seqs, mask, rollout.prompt_length, temperature, with_entropy
-        ),
-        rollout,
-        size,
-    )
+    responses = response_texts(tokenizer, rollout)
+    rewards = scorer.score(list(prompts), responses, ended_with_eos=rollout.ended_with_eos)
+    return ScoredRollout(rollout=rollout, responses=responses, rewards=rewards)

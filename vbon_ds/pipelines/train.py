@@ -1,13 +1,10 @@
-"""`vbon train`: vBoN (or the KL-RL baseline) on DeepSpeed engines, one recipe-like step at a time.
+"""`vbon train`: vBoN, the KL-RL baseline and the offline baselines on DeepSpeed engines, one step at a time.
 
-Per step (DESIGN.md):
-    rollout:    the actor samples K answers to each of this rank's prompts
-    score:      reward model or function r(x, y) -> objective reward: log F_hat(r) from the reference cache
-                (vbon), the tie-aware log(pi_BoN/pi_ref)/(N-1) (vbon_exact) or r itself (kl_rl)
-    logprobs:   actor (rollout-time) and reference log-probs of the response tokens, fused kernel
-    advantages: PPO (per-token KL penalty, GAE on critic values) or RLOO (leave-one-out over the K answers)
-    update:     ppo_epochs x minibatches of clipped policy-gradient steps (and value steps for PPO)
-    monitor:    TensorBoard scalars, sample answers, progress bar; checkpoint every K steps
+A step (docs/design.md):
+    on-policy (ppo, rloo)   rollout -> score -> logprobs -> advantages -> update
+    offline (bon_sft, dpo, ipo, bonbon)   pairs from the reference cache -> reference logprobs -> update
+Both share the loop: a step that is skipped (non-finite reward or loss) still counts, logs, checkpoints on
+schedule and honours a stop signal; the phases themselves are in experience.py and offline.py.
 """
 
 from __future__ import annotations
@@ -15,33 +12,28 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from vbon_ds import bon, losses
-from vbon_ds.batching import BatchSizes, batch_sizes
+from vbon_ds import bon
 from vbon_ds.config import ExperimentConfig, config_to_dict
 from vbon_ds.data import PromptSampler, load_prompts
 from vbon_ds.engines import distributed
-from vbon_ds.engines.builders import (
-    build_actor,
-    build_critic,
-    build_reference,
-    build_reward,
-    load_policy_tokenizer,
-)
 from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
-from vbon_ds.engines.policy import Rollout
 from vbon_ds.errors import VbonError
-from vbon_ds.kernels import set_backend
 from vbon_ds.models import check_models_fit
 from vbon_ds.monitor import Monitor
-from vbon_ds.pipelines.rollout import in_micro_batches, rollout_logprobs, sample_and_score
+from vbon_ds.pipelines import experience as phases
+from vbon_ds.pipelines.engines import Engines, build_engines
+from vbon_ds.pipelines.offline import (
+    OFFLINE_ALGOS,
+    ReferenceLogProbs,
+    offline_experience,
+    offline_micro_step,
+)
 from vbon_ds.preemption import StopRequest
 from vbon_ds.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
 from vbon_ds.runlock import run_lock
@@ -54,80 +46,37 @@ def objective_beta(cfg: ExperimentConfig) -> float:
     return bon.vbon_beta(cfg.vbon.n)
 
 
-def objective_reward(
-    cfg: ExperimentConfig,
-    scores: torch.Tensor,
-    ref_rewards: torch.Tensor | None,
-    ended_with_eos: torch.Tensor,
-) -> torch.Tensor:
-    """The scalar each answer is credited with: raw r (kl_rl, reward.missing_eos_score already in it) or a
-    vBoN reward from the cached rewards (with missing_eos_score set, cut-off answers get the lowest one)."""
-    if cfg.vbon.objective == "kl_rl":
-        return scores
-    estimator = "bound" if cfg.vbon.objective == "vbon" else "exact"
-    cut_off = ended_with_eos if cfg.reward.missing_eos_score is not None else None
-    return bon.vbon_reward(scores, ref_rewards, cfg.vbon.n, estimator, ended_with_eos=cut_off)
-
-
-@dataclass
-class Experience:
-    """One step's rollout with everything the update needs, all [B, R] per token or [B] per answer."""
-
-    rollout: Rollout
-    logprobs: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    stats: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.rollout.response_mask
-
-    def rows(self, index: torch.Tensor) -> dict[str, Any]:
-        """The tensors of the answers in `index` (a micro-batch), response padding trimmed."""
-        width = int(self.mask[index].sum(1).max().clamp(min=1))
-        p = self.rollout.prompt_length
-        out = {
-            "sequences": self.rollout.sequences[index, : p + width],
-            "attention_mask": self.rollout.attention_mask[index, : p + width],
-            "mask": self.mask[index, :width],
-            "logprobs": self.logprobs[index, :width],
-            "advantages": self.advantages[index, :width],
-        }
-        if self.returns is not None and self.values is not None:
-            out["returns"] = self.returns[index, :width]
-            out["values"] = self.values[index, :width]
-        return out
+def build_training_engines(cfg: ExperimentConfig) -> Engines:
+    """Actor (trainable) and reference; the reward scorer and critic only where the algorithm uses them."""
+    offline = cfg.algo.name in OFFLINE_ALGOS
+    return build_engines(
+        cfg, actor="train", reference=True, scorer=not offline, critic=cfg.algo.name == "ppo"
+    )
 
 
 class Trainer:
-    """Owns the engines, the data order and the step counter; `run()` trains to cfg.train.steps."""
+    """The data order, the step counter and the loop; `run()` trains to cfg.train.steps."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, engines: Engines | None = None) -> None:
         self.cfg = cfg
-        distributed.init_distributed()
-        set_backend(cfg.model.logprob_backend)
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.sizes: BatchSizes = batch_sizes(cfg, self.world)
+        self.engines = engines if engines is not None else build_training_engines(cfg)
+        self.rank = distributed.rank()
         self.out = Path(cfg.train.output_dir)
         self.beta = objective_beta(cfg)
+        self.offline = cfg.algo.name in OFFLINE_ALGOS
         self._seed_everything(cfg.train.seed)
-
         self.prompts = load_prompts(cfg.data, "train")
         self.sampler = PromptSampler(len(self.prompts), cfg.train.seed)
         self.cache = self._open_cache()
-        self.tokenizer = load_policy_tokenizer(cfg)
-        self.actor = build_actor(cfg, self.sizes, self.tokenizer)
-        self.reference = build_reference(cfg, self.sizes, self.tokenizer, self.actor)
-        self.scorer = build_reward(cfg, self.sizes)
-        self.critic = build_critic(cfg, self.sizes, self.tokenizer) if cfg.algo.name == "ppo" else None
+        self.reference_logps = ReferenceLogProbs()
         self.step = 0
         self.bad_steps = 0
         self.monitor = Monitor(self.out / "tensorboard", enabled=cfg.logging.tensorboard and self.rank == 0)
-        self._resume()
+        micro_step = offline_micro_step if self.offline else phases.ppo_micro_step
+        self.micro_step = micro_step(self.engines, cfg)
+        self.resume()
 
-    # ------------------------------------------------------------ setup
+    # ------------------------------------------------------------ setup, checkpoints
 
     def _seed_everything(self, seed: int) -> None:
         # Ranks sample different answers: the seed is offset by rank, the data order is not.
@@ -138,18 +87,17 @@ class Trainer:
     def _open_cache(self) -> RefCache | None:
         root = refcache_dir(self.cfg)
         if not (root / FINGERPRINT_FILE).exists():
-            if self.cfg.vbon.objective == "kl_rl":
+            if self.cfg.vbon.objective == "kl_rl" and not self.offline:
                 return None  # KL-RL needs no F; train/log_F is then not logged
+            need = f"algo.name={self.cfg.algo.name} trains on" if self.offline else "F_hat needs"
             raise VbonError(
                 f"no reference cache in {root}: run `vbon refcache --config ...` with this config first "
-                f"(vbon.objective={self.cfg.vbon.objective} needs F_hat from M reference rewards per prompt)"
+                f"({need} the M cached reference answers per prompt)"
             )
         return open_refcache(self.cfg)
 
-    def _engines(self) -> dict[str, Any]:
-        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
-
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Continue from train.resume (auto: the latest verified checkpoint, if any)."""
         self.run_id = uuid.uuid4().hex  # a resumed run keeps the id of the run it continues
         resume = self.cfg.train.resume
         if resume == "none":
@@ -161,10 +109,14 @@ class Trainer:
             if resume != "auto":
                 raise VbonError(f"train.resume: no checkpoint in {root}")
             return
-        state = load_checkpoint(path, self._engines())  # also restores this rank's RNG streams
+        state = load_checkpoint(path, self.engines.trainable())  # also restores this rank's RNG streams
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.run_id = state.get("run_id", self.run_id)
         self.sampler.load_state_dict(state["sampler"])
+        per_rank = state.get("reference_logps", [])
+        if per_rank:  # this rank's own values when the world size is unchanged, else everybody's
+            mine = per_rank[self.rank] if len(per_rank) == distributed.world_size() else _merged(per_rank)
+            self.reference_logps.load_state_dict(mine)
         if distributed.is_main():
             print(f"train: resumed from {path} at step {self.step}")
 
@@ -174,13 +126,14 @@ class Trainer:
             "step": self.step,
             "bad_steps": self.bad_steps,
             "sampler": self.sampler.state_dict(),
+            "reference_logps": distributed.all_gather_object(self.reference_logps.state_dict()),
             "config": config_to_dict(self.cfg),
             "run_id": self.run_id,
         }
         save_checkpoint(
             self.out / "checkpoints",
             self.step,
-            self._engines(),
+            self.engines.trainable(),
             state,
             keep_last=self.cfg.train.keep_checkpoints,
             run_id=self.run_id,  # saving a step this run already saved (e.g. the last one) is a no-op
@@ -188,131 +141,62 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def _this_ranks_prompts(self) -> list[int]:
-        batch = self.sampler.next_batch(self.sizes.prompts_per_step)
-        per_rank = self.sizes.prompts_per_rank
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+    def this_ranks_prompts(self) -> list[int]:
+        sizes = self.engines.sizes
+        batch = self.sampler.next_batch(sizes.prompts_per_step)
+        return batch[self.rank * sizes.prompts_per_rank : (self.rank + 1) * sizes.prompts_per_rank]
 
-    @torch.no_grad()
-    def make_experience(self, prompt_index: list[int]) -> Experience:
-        """Rollout, score, objective reward, log-probs, KL and advantages for this rank's prompts."""
+    def step_generator(self, purpose: int) -> torch.Generator:
+        """A stream fixed by (seed, step, purpose), the same on every rank and after a resume."""
+        return torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.step * 7 + purpose)
+
+    def make_experience(self, prompt_index: list[int]) -> phases.Experience:
+        """Everything the update needs for this rank's prompts (raises NonFiniteReward)."""
+        if self.offline:
+            return offline_experience(
+                self.engines, self.cfg, self.prompts, self.cache, prompt_index,
+                self.step_generator(1), self.reference_logps,
+            )  # fmt: skip
         cfg, k = self.cfg, self.cfg.algo.samples_per_prompt
-        ids = [self.prompts.ids[i] for i in prompt_index for _ in range(k)]
-        texts = [self.prompts.texts[i] for i in prompt_index for _ in range(k)]
+        index = [i for i in prompt_index for _ in range(k)]
+        prompts = [self.prompts.texts[i] for i in index]
         t0 = time.perf_counter()
-        scored = sample_and_score(
-            self.actor,
-            self.scorer,
-            self.tokenizer,
-            texts,
-            cfg.generation,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-        )
-        rollout = scored.rollout
-        scores = scored.scores.to(rollout.sequences.device)
+        sampled = phases.rollout(self.engines, cfg, prompts)
         t_rollout = time.perf_counter() - t0
-        bad = sorted({prompt_index[j // k] for j in (~torch.isfinite(scores)).nonzero().flatten().tolist()})
-        if bad:
-            named = ", ".join(f"prompt {i} ({self.prompts.ids[i]!r})" for i in bad[:5])
-            raise _NonFinite(
-                f"reward is not finite for {named}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            )
-        ref_rewards = self.cache.rewards_for(ids).to(scores.device) if self.cache is not None else None
-        reward = objective_reward(cfg, scores, ref_rewards, rollout.ended_with_eos)
+        names = [f"prompt {i} ({self.prompts.ids[i]!r})" for i in index]
+        batch = phases.TokenBatch.of(sampled.rollout)
+        rewards = sampled.rewards.to(batch.sequences.device)
+        ended_with_eos = sampled.rollout.ended_with_eos
+        scores = phases.score(cfg, rewards, self._sorted_ref_rewards(index), names, ended_with_eos)
+        logps = phases.logprobs(self.engines, cfg, batch)
+        exp = phases.advantages(cfg, self.beta, batch, scores, logps)
+        exp.stats["train/eos_fraction"] = ended_with_eos.float().mean().item()
+        exp.stats["time/rollout"] = t_rollout
+        exp.stats["time/logprobs"] = time.perf_counter() - t0 - t_rollout
+        self._log_samples(prompts, sampled.responses, scores.rewards)
+        return exp
 
+    def train_step(self) -> tuple[dict[str, float], str]:
+        """Experience, then update; returns (stats, why the update was skipped: "" when it was not)."""
         t0 = time.perf_counter()
-        size, temperature = cfg.train.micro_batch_size, cfg.generation.temperature
-        logp, entropy = rollout_logprobs(self.actor, rollout, temperature, size, with_entropy=True)
-        ref_logp = rollout_logprobs(self.reference, rollout, temperature, size)
-        mask = rollout.response_mask
-        kl = losses.kl_penalty(logp, ref_logp, cfg.algo.kl_estimator) * mask
-        t_logprobs = time.perf_counter() - t0
-
-        values = returns = None
-        if self.critic is not None:
-            values = in_micro_batches(
-                lambda s, m: self.critic.values(s, m, rollout.prompt_length), rollout, size
-            )
-            token_rewards = losses.shape_rewards(reward, kl, mask, self.beta)
-            advantages, returns = losses.gae(token_rewards, values, mask, cfg.algo.gamma, cfg.algo.lam)
-        else:
-            # RLOO: the sequence reward already pays the whole KL penalty, as in the per-token form summed.
-            sequence_reward = reward - self.beta * kl.sum(1)
-            advantages = losses.rloo_advantages(sequence_reward, k).unsqueeze(1).expand_as(logp) * mask
-        if cfg.algo.whiten_advantages:
-            advantages = losses.masked_whiten(advantages, mask)
-
-        lengths = mask.sum(1).float()
+        try:
+            exp, problem = self.make_experience(self.this_ranks_prompts()), ""
+        except phases.NonFiniteReward as bad:
+            exp, problem = None, str(bad)
+        problems = [p for p in distributed.all_gather_object(problem) if p]
+        if problems:
+            return {}, "; ".join(problems)
+        generator = self.step_generator(0)
         stats = {
-            "train/reward": scores.mean().item(),
-            "train/objective_reward": reward.mean().item(),
-            "train/kl": (logp - ref_logp).mul(mask).sum(1).mean().item(),
-            "train/entropy": losses.masked_mean(entropy, mask).item(),
-            "train/response_length": lengths.mean().item(),
-            "train/eos_fraction": rollout.ended_with_eos.float().mean().item(),
-            "time/rollout": t_rollout,
-            "time/logprobs": t_logprobs,
+            **exp.stats,
+            **phases.update(exp, self.engines.sizes, self.cfg.algo.ppo_epochs, generator, self.micro_step),
         }
-        if self.cache is not None:
-            stats["train/log_F"] = bon.log_cdf(scores, ref_rewards).mean().item()
-        if self.rank == 0 and cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0:
-            samples = [
-                f"**{texts[j]}**{scored.texts[j]}  (r={scores[j]:.3f})" for j in range(min(4, len(texts)))
-            ]
-            self.monitor.text("samples", "\n\n".join(samples), self.step)
-        return Experience(rollout, logp, advantages, returns, values, stats)
-
-    def update(self, exp: Experience) -> dict[str, float]:
-        """ppo_epochs x num_minibatches optimizer steps on the actor (and critic), micro-batched."""
-        cfg, sizes = self.cfg, self.sizes
-        per_rank_minibatch = sizes.minibatch_samples // self.world
-        generator = torch.Generator().manual_seed(cfg.train.seed * 100_003 + self.step)
-        totals: dict[str, list[float]] = {}
-        skipped = 0
-        for _ in range(cfg.algo.ppo_epochs):
-            order = torch.randperm(exp.mask.shape[0], generator=generator)
-            for mb_start in range(0, order.numel(), per_rank_minibatch):
-                minibatch = order[mb_start : mb_start + per_rank_minibatch]
-                for mu_start in range(0, minibatch.numel(), sizes.micro_batch_per_rank):
-                    rows = exp.rows(minibatch[mu_start : mu_start + sizes.micro_batch_per_rank])
-                    stats, ok = self._micro_step(rows, exp.rollout.prompt_length)
-                    skipped += not ok
-                    for key, value in stats.items():
-                        totals.setdefault(key, []).append(value)
-        out = {key: float(np.mean(values)) for key, values in totals.items()}
-        out["train/skipped_micro_batches"] = float(skipped)
-        return out
-
-    def _micro_step(self, rows: dict[str, Any], prompt_length: int) -> tuple[dict[str, float], bool]:
-        cfg = self.cfg
-        new_logp = self.actor.response_logprobs(
-            rows["sequences"], rows["attention_mask"], prompt_length, cfg.generation.temperature
-        )
-        loss, pg_stats = losses.ppo_policy_loss(
-            new_logp, rows["logprobs"], rows["advantages"], rows["mask"], cfg.algo.clip_range
-        )
-        ok = _all_finite(loss)
-        # Every rank must take part in backward/step (ZeRO collectives): a bad loss becomes a zero gradient.
-        self.actor.backward(loss if ok else 0.0 * new_logp.nan_to_num().sum())
-        self.actor.step()
-        stats = {
-            "train/loss": loss.item(),
-            "train/clip_frac": pg_stats["clip_frac"].item(),
-            "train/approx_kl": pg_stats["approx_kl"].item(),
-        }
-        if self.critic is not None:
-            values = self.critic.values(rows["sequences"], rows["attention_mask"], prompt_length)
-            v_loss, v_stats = losses.value_loss(
-                values, rows["values"], rows["returns"], rows["mask"], cfg.algo.value_clip_range
-            )
-            v_ok = _all_finite(v_loss)
-            self.critic.backward(cfg.algo.value_coef * v_loss if v_ok else 0.0 * values.nan_to_num().sum())
-            self.critic.step()
-            ok = ok and v_ok
-            stats.update(
-                {"train/value_loss": v_loss.item(), "train/vf_clip_frac": v_stats["vf_clip_frac"].item()}
-            )
-        return stats, ok
+        skipped = stats.pop("train/skipped_micro_batches")
+        stats["train/lr"] = self.engines.actor.current_lr()
+        stats["time/step"] = time.perf_counter() - t0
+        stats["perf/samples_per_sec"] = self.engines.sizes.rollout_samples / stats["time/step"]
+        stats = phases.mean_over_ranks(stats)
+        return stats, f"non-finite loss in {skipped:.0f} micro-batches" if skipped else ""
 
     # ------------------------------------------------------------ the loop
 
@@ -327,36 +211,10 @@ class Trainer:
         )
         try:
             while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                prompt_index = self._this_ranks_prompts()
-                try:
-                    exp = self.make_experience(prompt_index)
-                    error = ""
-                except _NonFinite as bad:
-                    exp, error = None, str(bad)
-                errors = [e for e in distributed.all_gather_object(error) if e]
-                if errors:
-                    self.step += 1
-                    self._count_bad_step("; ".join(errors))
-                    continue
-                stats = {**exp.stats, **self.update(exp)}
+                stats, problem = self.train_step()
                 self.step += 1
-                if stats["train/skipped_micro_batches"]:
-                    self._count_bad_step(
-                        f"non-finite loss in {stats['train/skipped_micro_batches']:.0f} micro-batches"
-                    )
-                else:
-                    self.bad_steps = 0
-                stats["train/lr"] = self.actor.current_lr()
-                elapsed = time.perf_counter() - t0
-                stats["time/step"] = elapsed
-                stats["perf/samples_per_sec"] = self.sizes.rollout_samples / elapsed
-                stats = _mean_over_ranks(stats)
-                if self.step % cfg.logging.log_every == 0:
-                    self.monitor.scalars(stats, self.step)
-                bar.update(1)
-                bar.set_postfix(reward=f"{stats['train/reward']:.3f}", kl=f"{stats['train/kl']:.3f}")
-                stop_now = _any_rank(stop.requested)
+                self._record(stats, problem, bar)
+                stop_now = phases.any_rank(stop.requested)
                 if stop_now or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     self.save()
                 if stop_now:
@@ -364,39 +222,53 @@ class Trainer:
                         print(f"train: stop signal received; checkpoint saved at step {self.step}, exiting")
                     return
             self.save()
-            export_hf(self.actor, self.tokenizer, self.out / "final")
+            export_hf(self.engines.actor, self.engines.tokenizer, self.out / "final")
         finally:
             stop.restore()
             bar.close()
             self.monitor.close()
 
-    def _count_bad_step(self, reason: str) -> None:
-        self.bad_steps += 1
-        if distributed.is_main():
-            print(f"train: step {self.step} skipped: {reason}")
-        self.monitor.scalars({"train/skipped_steps": float(self.bad_steps)}, self.step)
+    def _record(self, stats: dict[str, float], problem: str, bar: tqdm) -> None:
+        """Count a skipped step (stop after train.max_bad_steps in a row), log scalars, advance the bar."""
+        if problem:
+            self.bad_steps += 1
+            stats = {**stats, "train/skipped_steps": float(self.bad_steps)}
+            if distributed.is_main():
+                print(f"train: step {self.step} skipped: {problem}")
+        else:
+            self.bad_steps = 0
+        if stats and (problem or self.step % self.cfg.logging.log_every == 0):
+            self.monitor.scalars(stats, self.step)
+        bar.update(1)
+        if "train/loss" in stats:
+            bar.set_postfix(loss=f"{stats['train/loss']:.3f}")
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise VbonError(
-                f"{self.bad_steps} consecutive steps had non-finite rewards or losses (last: {reason}); "
+                f"{self.bad_steps} consecutive steps had non-finite rewards or losses (last: {problem}); "
                 f"stopping (train.max_bad_steps={self.cfg.train.max_bad_steps})"
             )
 
+    def _sorted_ref_rewards(self, index: list[int]) -> torch.Tensor | None:
+        """The cached reference rewards of each answer's prompt, [B, M] ascending (None without a cache)."""
+        if self.cache is None:
+            return None
+        return self.cache.rewards_for([self.prompts.ids[i] for i in index]).to(distributed.device())
 
-class _NonFinite(Exception):
-    """A rollout produced a NaN or infinite reward."""
+    def _log_samples(self, prompts: list[str], responses: list[str], rewards: torch.Tensor) -> None:
+        every = self.cfg.logging.sample_every
+        if self.rank == 0 and every and self.step % every == 0:
+            shown = [
+                f"**{p}**{r}  (r={v:.3f})"
+                for p, r, v in zip(prompts[:4], responses[:4], rewards[:4].tolist(), strict=True)
+            ]
+            self.monitor.text("samples", "\n\n".join(shown), self.step)
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    return not _any_rank(not bool(torch.isfinite(value).all()))
-
-
-def _any_rank(flag: bool) -> bool:
-    return distributed.all_reduce_max(int(flag)) > 0
-
-
-def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
-    gathered = distributed.all_gather_object(stats)
-    return {key: float(np.mean([g[key] for g in gathered])) for key in stats}
+def _merged(per_rank: list[dict]) -> dict:
+    merged: dict = {}
+    for values in per_rank:
+        merged.update(values)
+    return merged
 
 
 def run(cfg: ExperimentConfig) -> Path:

@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.data import PromptSet
 from vbon_ds.engines import distributed
-from vbon_ds.engines.builders import build_reference, build_reward, load_policy_tokenizer
 from vbon_ds.errors import VbonError
 from vbon_ds.models import check_models_fit
+from vbon_ds.pipelines.engines import build_engines
 from vbon_ds.pipelines.rollout import response_token_ids, sample_and_score, shard_evenly
 from vbon_ds.refcache import (
     CacheSummary,
@@ -82,10 +81,7 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
     if not todo:  # a rerun of a complete cache, or the merge job after a job array: no model to load
         return _validated(root, expected, part)
 
-    tokenizer = load_policy_tokenizer(cfg)
-    sizes = batch_sizes(cfg, distributed.world_size())
-    reference = build_reference(cfg, sizes, tokenizer)
-    scorer = build_reward(cfg, sizes)
+    engines = build_engines(cfg, reference=True, scorer=True)
     # generation.batch_size counts answers per generate call; each prompt needs M of them.
     prompts_per_call = max(1, cfg.generation.batch_size // m)
 
@@ -100,9 +96,9 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
             chunk = mine[start : start + prompts_per_call]
             repeated = [prompts.texts[i] for i in chunk for _ in range(m)]
             scored = sample_and_score(
-                reference,
-                scorer,
-                tokenizer,
+                engines.reference,
+                engines.scorer,
+                engines.tokenizer,
                 repeated,
                 cfg.generation,
                 max_prompt_tokens=cfg.data.max_prompt_tokens,
@@ -113,8 +109,8 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
                 if start + j >= real:  # padding work that keeps ranks' collectives matched
                     continue
                 rows = slice(j * m, (j + 1) * m)
-                rewards = scored.scores[rows].tolist()
-                if not torch.isfinite(scored.scores[rows]).all():
+                rewards = scored.rewards[rows].tolist()
+                if not torch.isfinite(scored.rewards[rows]).all():
                     raise VbonError(
                         f"reward is not finite for prompt {index} ({prompts.ids[index]!r}): {rewards}; "
                         "check the reward model or function"
@@ -125,7 +121,7 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
                         prompt=prompts.texts[index],
                         rewards=rewards,
                         token_ids=token_ids[rows],
-                        texts=scored.texts[rows],
+                        texts=scored.responses[rows],
                     )
                 )
             writer.add(records)
@@ -136,8 +132,8 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
 
 
 def _validated(root: Path, expected: dict[str, str], part: tuple[int, int]) -> CacheSummary:
-    """Validate the cache holds `expected` (id -> prompt text) and report it: one rank validates (it writes
-    summary.json), the others wait and read its verdict."""
+    """Validate the cache holds `expected` (id -> prompt text) and report it: one rank validates, the others
+    wait and read its verdict."""
     summary = validate_cache(root, expected_ids=expected) if distributed.is_main() else None
     summary = distributed.broadcast_object(summary)
     if distributed.is_main():

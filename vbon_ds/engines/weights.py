@@ -1,0 +1,61 @@
+"""Load the weights of a training checkpoint into an inference engine (no optimizer, any world size).
+
+A ZeRO checkpoint keeps the model's true weights in the optimizer partitions, which only an engine with the
+same optimizer and world size can read; `vbon evaluate` has neither. DeepSpeed's zero_to_fp32 reader
+rebuilds the full fp32 state dict from the files on rank 0 (a stage-0 checkpoint, from a world of one,
+stores the module whole), and the frozen engine takes it in one gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from vbon_ds.engines import distributed
+from vbon_ds.engines.base import DeepSpeedModel
+from vbon_ds.engines.checkpoint import _TAG as CHECKPOINT_TAG
+from vbon_ds.errors import VbonError
+
+
+def load_trained_weights(engine: DeepSpeedModel, engine_dir: str | Path) -> None:
+    """Copy the weights saved under `engine_dir` (a step directory's engine folder) into `engine`."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise VbonError(f"checkpoint has no weights for this engine: {engine_dir} is missing")
+    state = _saved_weights(engine_dir) if distributed.is_main() else None
+    # named_parameters lists a tied output embedding once, under the name the checkpoint uses too.
+    params = dict(engine.module.named_parameters())
+    gather = (
+        deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+        if engine.zero3
+        else contextlib.nullcontext()
+    )
+    with gather, torch.no_grad():
+        if distributed.is_main():
+            missing = [name for name in params if name not in state]
+            if missing:
+                raise VbonError(f"checkpoint {engine_dir} lacks {len(missing)} weights (e.g. {missing[0]!r})")
+            for name, param in params.items():
+                param.copy_(state[name].to(param.dtype))
+    if not engine.zero3 and distributed.world_size() > 1:
+        for param in params.values():  # below ZeRO-3 every rank holds the whole model: send rank 0's copy
+            torch.distributed.broadcast(param.data, src=0)
+    distributed.barrier()
+
+
+def _saved_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
+    """The full state dict of a saved engine: rebuilt from the ZeRO-3 partitions, or (stages 0 to 2) the
+    module weights DeepSpeed stores whole in mp_rank_00_model_states.pt."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = engine_dir / CHECKPOINT_TAG
+    if any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):  # only ZeRO-3 partitions the module itself
+        return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=CHECKPOINT_TAG)
+    whole = tag_dir / "mp_rank_00_model_states.pt"
+    if not whole.is_file():
+        raise VbonError(f"checkpoint {engine_dir} holds no model weights ({whole} is missing)")
+    # DeepSpeed's own file format is a pickle; README says what loading a checkpoint trusts.
+    return torch.load(whole, map_location="cpu", weights_only=False)["module"]

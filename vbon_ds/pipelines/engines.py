@@ -1,0 +1,80 @@
+"""One function builds the engines of every job; each job asks for only what it uses.
+
+    train (RL)       actor, reference, reward scorer, critic (PPO)
+    train (offline)  actor, reference (DPO, IPO, BoNBoN, and the log-ratio stat of BoN-SFT)
+    evaluate         actor, reference, reward scorer: frozen, no optimizer
+    refcache         reference, reward scorer
+
+Frozen-only jobs size their DeepSpeed configs with `inference_batch_sizes`, so they work at any world size
+whatever the training batch fields say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from vbon_ds.batching import BatchSizes, batch_sizes, inference_batch_sizes
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.engines import distributed
+from vbon_ds.engines.builders import (
+    build_actor,
+    build_critic,
+    build_reference,
+    build_reward,
+    load_policy_tokenizer,
+)
+from vbon_ds.engines.critic import CriticEngine
+from vbon_ds.engines.lora import AdapterReference
+from vbon_ds.engines.policy import PolicyEngine
+from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.kernels import set_backend
+
+
+@dataclass
+class Engines:
+    """The engines one job asked for (None where it did not) and the policy tokenizer."""
+
+    tokenizer: PreTrainedTokenizerBase
+    sizes: BatchSizes
+    actor: PolicyEngine | None = None
+    reference: PolicyEngine | AdapterReference | None = None
+    scorer: RewardScorer | None = None
+    critic: CriticEngine | None = None
+
+    def trainable(self) -> dict[str, PolicyEngine | CriticEngine]:
+        """The engines a checkpoint saves and restores, by name."""
+        named = {"actor": self.actor, "critic": self.critic}
+        return {name: engine for name, engine in named.items() if engine is not None and engine.trainable}
+
+
+def build_engines(
+    cfg: ExperimentConfig,
+    *,
+    actor: str = "",
+    reference: bool = False,
+    scorer: bool = False,
+    critic: bool = False,
+) -> Engines:
+    """Initialise the process group and build the requested engines.
+
+    `actor` is "" (none), "train" (with optimizer and LR schedule) or "frozen" (inference only, e.g. for
+    evaluation: the weights come from a checkpoint or the actor checkpoint itself).
+    """
+    distributed.init_distributed()
+    set_backend(cfg.model.logprob_backend)
+    world = distributed.world_size()
+    training = actor == "train" or critic
+    sizes = batch_sizes(cfg, world) if training else inference_batch_sizes(cfg, world)
+    tokenizer = load_policy_tokenizer(cfg)
+    policy = build_actor(cfg, sizes, tokenizer, trainable=actor == "train") if actor else None
+    return Engines(
+        tokenizer=tokenizer,
+        sizes=sizes,
+        actor=policy,
+        # With LoRA the reference is the actor with its adapters off (no second copy of the weights).
+        reference=build_reference(cfg, sizes, tokenizer, policy) if reference else None,
+        scorer=build_reward(cfg, sizes) if scorer else None,
+        critic=build_critic(cfg, sizes, tokenizer) if critic else None,
+    )

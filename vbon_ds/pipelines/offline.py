@@ -1,0 +1,190 @@
+"""The offline baselines: BoN-SFT, DPO, IPO and BoNBoN train on the reference cache, not on rollouts.
+
+Per step, for each prompt and each of algo.samples_per_prompt draws: a random N-subset of the M cached
+answers, its best and its worst answer (a tie goes to the earlier in the random subset order, a uniform
+choice). BoN-SFT imitates the best; DPO and IPO prefer the best to the worst; BoNBoN mixes SFT and IPO.
+The reference log-prob of a cached answer is computed once, by the reference engine, and kept (in memory and
+in checkpoints, so a resumed run sees the very same numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vbon_ds import losses
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.data import PromptSet
+from vbon_ds.engines import distributed
+from vbon_ds.pipelines.engines import Engines
+from vbon_ds.pipelines.experience import (
+    Experience,
+    MicroStep,
+    answer_batch,
+    backward_and_step,
+    policy_logprobs,
+)
+from vbon_ds.refcache import RefCache
+
+OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
+PAIR_ALGOS = ("dpo", "ipo", "bonbon")
+
+AnswerKey = tuple[str, int]
+"""(prompt id, index of the answer among the prompt's M cached answers in draw order)."""
+
+
+@dataclass
+class Pair:
+    """The best and worst answer of one N-subset of a prompt's cached answers."""
+
+    prompt_index: int
+    chosen: int
+    rejected: int
+    chosen_reward: float
+    rejected_reward: float
+
+
+def choose_pairs(
+    rewards: Sequence[Sequence[float]], prompt_index: Sequence[int], n: int, generator: torch.Generator
+) -> list[Pair]:
+    """One (best, worst) pair per entry of `prompt_index` from a random n-subset of that prompt's rewards
+    (`rewards[j]`: the M cached rewards of entry j, draw order)."""
+    pairs = []
+    for j, index in enumerate(prompt_index):
+        subset = torch.randperm(len(rewards[j]), generator=generator)[:n].tolist()
+        best = max(subset, key=lambda i: rewards[j][i])  # first of the tied maxima in random order
+        worst = min(subset, key=lambda i: rewards[j][i])
+        pairs.append(Pair(index, best, worst, rewards[j][best], rewards[j][worst]))
+    return pairs
+
+
+class ReferenceLogProbs:
+    """Sequence log-probs of cached answers under the reference policy, computed once per answer."""
+
+    def __init__(self) -> None:
+        self.values: dict[AnswerKey, float] = {}
+
+    def lookup(
+        self,
+        engines: Engines,
+        cfg: ExperimentConfig,
+        keys: list[AnswerKey],
+        prompts: list[str],
+        answers: list[list[int]],
+    ) -> torch.Tensor:
+        """[len(keys)] float32 log pi_ref of each answer, computing the ones not seen before.
+
+        Collective under ZeRO-3: every rank runs the same number of reference forwards (ranks with fewer
+        new answers repeat one of theirs and drop the result).
+        """
+        first_row: dict[AnswerKey, int] = {}
+        for j, key in enumerate(keys):
+            if key not in self.values:
+                first_row.setdefault(key, j)
+        todo = list(first_row.values())
+        size = cfg.train.micro_batch_size
+        calls = distributed.all_reduce_max(-(-len(todo) // size))
+        padded = todo + [0] * (calls * size - len(todo))
+        for call in range(calls):
+            rows = padded[call * size : (call + 1) * size]
+            batch = answer_batch(
+                engines.tokenizer,
+                [prompts[j] for j in rows],
+                [answers[j] for j in rows],
+                cfg.data.max_prompt_tokens,
+            )
+            token_logp = policy_logprobs(engines.reference, batch, cfg.generation.temperature, size)
+            sums = losses.masked_sum(token_logp, batch.response_mask, dim=1).tolist()
+            for offset, j in enumerate(rows):
+                if call * size + offset < len(todo):
+                    self.values[keys[j]] = sums[offset]
+        return torch.tensor([self.values[key] for key in keys], dtype=torch.float32)
+
+    def state_dict(self) -> dict[AnswerKey, float]:
+        return dict(self.values)
+
+    def load_state_dict(self, values: dict[AnswerKey, float]) -> None:
+        self.values = dict(values)
+
+
+@torch.no_grad()
+def offline_experience(
+    engines: Engines,
+    cfg: ExperimentConfig,
+    prompts: PromptSet,
+    cache: RefCache,
+    prompt_index: list[int],
+    generator: torch.Generator,
+    reference_logps: ReferenceLogProbs,
+) -> Experience:
+    """Pairs of cached answers to this rank's prompts, their token rows and reference log-probs."""
+    index = [i for i in prompt_index for _ in range(cfg.algo.samples_per_prompt)]
+    records = [cache.record(prompts.ids[i]) for i in index]
+    pairs = choose_pairs([r.rewards for r in records], index, cfg.vbon.n, generator)
+    prompt_texts = [prompts.texts[i] for i in index]
+    roles = {"chosen": [p.chosen for p in pairs]}
+    if cfg.algo.name in PAIR_ALGOS:
+        roles["rejected"] = [p.rejected for p in pairs]
+    batches, tensors = {}, {}
+    for role, answer in roles.items():
+        ids = [record.token_ids[a] for record, a in zip(records, answer, strict=True)]
+        keys = [(record.prompt_id, a) for record, a in zip(records, answer, strict=True)]
+        batches[role] = answer_batch(engines.tokenizer, prompt_texts, ids, cfg.data.max_prompt_tokens)
+        tensors[f"ref_{role}"] = reference_logps.lookup(engines, cfg, keys, prompt_texts, ids).to(
+            batches[role].sequences.device
+        )
+    stats = {
+        "train/chosen_reward": sum(p.chosen_reward for p in pairs) / len(pairs),
+        "train/rejected_reward": sum(p.rejected_reward for p in pairs) / len(pairs),
+        "train/response_length": batches["chosen"].response_mask.sum(1).float().mean().item(),
+    }
+    return Experience(batches, tensors, stats)
+
+
+def ipo_beta(cfg: ExperimentConfig) -> float:
+    """algo.ipo_beta, or BoNBoN's coefficient for best-vs-worst of N pairs when it is null."""
+    return cfg.algo.ipo_beta if cfg.algo.ipo_beta is not None else losses.ipo_target_beta(cfg.vbon.n)
+
+
+def offline_micro_step(engines: Engines, cfg: ExperimentConfig) -> MicroStep:
+    """The loss of algo.name on a micro-batch of pairs (or best answers), backward and step on the actor."""
+    algo, temperature = cfg.algo, cfg.generation.temperature
+
+    def sequence_logp(role: str, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = micro.batches[role]
+        token_logp = engines.actor.response_logprobs(
+            rows.sequences, rows.attention_mask, rows.prompt_length, temperature
+        )
+        return token_logp, losses.masked_sum(token_logp, rows.response_mask, dim=1)
+
+    def step(micro: Experience) -> tuple[dict[str, float], bool]:
+        chosen_tokens, chosen = sequence_logp("chosen", micro)
+        ref_chosen = micro.tensors["ref_chosen"]
+        stats = {
+            "train/chosen_nll": losses.sft_nll(
+                chosen_tokens.detach(), micro.batches["chosen"].response_mask
+            ).item(),
+            "train/chosen_log_ratio": (chosen.detach() - ref_chosen).mean().item(),
+        }
+        if algo.name == "bon_sft":
+            loss = losses.sft_nll(chosen_tokens, micro.batches["chosen"].response_mask)
+        else:
+            _, rejected = sequence_logp("rejected", micro)
+            ref_rejected = micro.tensors["ref_rejected"]
+            pair = (chosen, rejected, ref_chosen, ref_rejected)
+            if algo.name == "dpo":
+                loss = losses.dpo_loss(*pair, algo.dpo_beta)
+            elif algo.name == "ipo":
+                loss = losses.ipo_loss(*pair, ipo_beta(cfg))
+            else:
+                loss = losses.bonbon_loss(*pair, algo.bonbon_alpha, ipo_beta(cfg))
+            margin = losses.pair_margin(*(t.detach() for t in pair))
+            stats["train/reward_margin"] = margin.mean().item()
+            stats["train/reward_accuracy"] = (margin > 0).float().mean().item()
+        ok = backward_and_step(engines.actor, loss, chosen_tokens)
+        stats["train/loss"] = loss.item()
+        return stats, ok
+
+    return step

@@ -77,6 +77,7 @@ def model_check_overrides(workdir: Path, steps: int) -> list[str]:
         "train.keep_checkpoints=1",
         f"train.output_dir={workdir / 'run'}",
         "deepspeed.config=zero3",
+        "deepspeed.force_stage=true",  # ZeRO-3 itself, although one GPU alone would run stage 0
         "logging.progress_bar=false",
     ]
 
@@ -142,13 +143,13 @@ def run_model_check(workdir: Path, steps: int) -> str:
     from vbon_ds.config import load_config
     from vbon_ds.engines.plan import GIB, memory_plan
     from vbon_ds.monitor import read_scalars
-    from vbon_ds.pipelines import refcache, train
+    from vbon_ds.pipelines import build_refcache, train
 
     make_models(workdir)
     cfg = load_config(None, model_check_overrides(workdir, steps))
     rows = []
     for stage, run in (
-        ("refcache", refcache.run),
+        ("refcache", build_refcache.run),
         (f"train: build engines + {steps} PPO steps + save", train.run),
     ):
         torch.cuda.reset_peak_memory_stats()

@@ -211,7 +211,14 @@ def test_fingerprint_from_config() -> None:
 
 
 def test_runs_share_one_cache_through_train_refcache_dir(tmp_path: Path) -> None:
-    models = ["model.actor=tiny-actor", "reward.function=vowel_ratio", f"vbon.num_ref_samples={M}"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(3)))
+    models = [
+        "model.actor=tiny-actor",
+        "reward.function=vowel_ratio",
+        f"vbon.num_ref_samples={M}",
+        f"data.source={data}",
+    ]
     vbon_run = load_config(None, [*models, f"train.output_dir={tmp_path / 'vbon'}"])
     assert refcache_dir(vbon_run) == tmp_path / "vbon" / "refcache"  # the default: inside the run
 

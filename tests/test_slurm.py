@@ -22,7 +22,7 @@ from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_
 
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
-from vbon_ds.pipelines.refcache import part_indices
+from vbon_ds.pipelines.build_refcache import part_indices
 from vbon_ds.slurm import expand_hostlist, job_vbon_args, step_command, task_launch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,6 +29,8 @@ setup(
         "pyyaml",
         "numpy",
         "matplotlib",
+        # LoRA adapters (model.lora_rank); 0.21 is the version tested.
+        "peft>=0.21",
     ],
     extras_require={
         # launch/setup_env.sh adds openai-whisper for the tests (GPT-2's BPE ranks) with --no-deps.

@@ -102,11 +102,12 @@ class ReferenceLogProbs:
                     self.values[keys[j]] = sums[offset]
         return torch.tensor([self.values[key] for key in keys], dtype=torch.float32)
 
-    def state_dict(self) -> dict[AnswerKey, float]:
-        return dict(self.values)
+    def state_dict(self) -> list[tuple[str, int, float]]:
+        """(prompt id, answer index, log-prob) triples: plain JSON for the checkpoint (floats round-trip)."""
+        return [(prompt_id, index, value) for (prompt_id, index), value in self.values.items()]
 
-    def load_state_dict(self, values: dict[AnswerKey, float]) -> None:
-        self.values = dict(values)
+    def load_state_dict(self, triples: list[tuple[str, int, float]]) -> None:
+        self.values = {(prompt_id, int(index)): float(value) for prompt_id, index, value in triples}
 
 
 @torch.no_grad()

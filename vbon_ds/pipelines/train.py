@@ -264,11 +264,8 @@ class Trainer:
             self.monitor.text("samples", "\n\n".join(shown), self.step)
 
 
-def _merged(per_rank: list[dict]) -> dict:
-    merged: dict = {}
-    for values in per_rank:
-        merged.update(values)
-    return merged
+def _merged(per_rank: list[list]) -> list:
+    return [triple for triples in per_rank for triple in triples]
 
 
 def run(cfg: ExperimentConfig) -> Path:

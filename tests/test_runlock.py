@@ -18,15 +18,21 @@ from vbon_ds.errors import VbonError
 from vbon_ds.runlock import LOCK_FILE, prepare_output_dir, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD = "import sys, time; from vbon_ds.runlock import run_lock\nwith run_lock(sys.argv[1], 'vbon train'):\n"
+HOLD = (
+    "import sys, time; from vbon_ds.runlock import run_lock\n"
+    "with run_lock(sys.argv[1], 'vbon train', *sys.argv[2:]):\n"
+)
 
 
-def hold_lock(output_dir: Path) -> subprocess.Popen:
-    """Another process holding the lock of `output_dir` until it is killed."""
+def hold_lock(output_dir: Path, part: str = "") -> subprocess.Popen:
+    """Another process holding the lock of `output_dir` (or of one `part` of the work) until it is killed."""
     code = HOLD + "    print('held', flush=True); time.sleep(600)\n"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(output_dir)], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", code, str(output_dir), *([part] if part else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -47,6 +53,38 @@ def test_a_second_run_is_refused_naming_the_holder_until_it_dies(tmp_path):
         holder.wait()
     with run_lock(tmp_path / "run", "vbon refcache"):  # a killed holder never blocks the requeued job
         assert "vbon refcache" in (tmp_path / "run" / LOCK_FILE).read_text()
+
+
+def test_parts_of_a_job_array_share_the_directory_but_each_part_runs_once(tmp_path):
+    part0 = hold_lock(tmp_path, "refcache-part-0-of-2")
+    try:
+        with run_lock(tmp_path, "vbon refcache --part 1/2", "refcache-part-1-of-2"):  # side by side
+            pass
+        in_use = rf"^train\.output_dir {tmp_path} is in use by vbon "
+        with (  # the same part twice
+            pytest.raises(VbonError, match=rf"{in_use}train \(pid {part0.pid} "),
+            run_lock(tmp_path, "vbon refcache --part 0/2", "refcache-part-0-of-2"),
+        ):
+            pass
+        # A whole run is refused too; the lock file names the part that took the shared lock last.
+        with (
+            pytest.raises(VbonError, match=rf"{in_use}refcache --part 1/2 \(pid {os.getpid()} "),
+            run_lock(tmp_path, "vbon refcache"),
+        ):
+            pass
+    finally:
+        part0.send_signal(signal.SIGKILL)
+        part0.wait()
+    whole = hold_lock(tmp_path)
+    try:
+        with (  # nor a part beside a whole run
+            pytest.raises(VbonError, match=rf"is in use by vbon train \(pid {whole.pid} "),
+            run_lock(tmp_path, "vbon refcache --part 0/2", "refcache-part-0-of-2"),
+        ):
+            pass
+    finally:
+        whole.send_signal(signal.SIGKILL)
+        whole.wait()
 
 
 def test_the_lock_nests_in_one_process_and_is_released_after(tmp_path):

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from vbon_ds.errors import VbonError
 
 LOCK_FILE = ".vbon.lock"
-_held: dict[Path, list[int]] = {}  # directory -> [file descriptor, nesting depth] (the demo nests runs)
+# (directory, part) -> [file descriptor, nesting depth, part's descriptor] (the demo nests runs)
+_held: dict[tuple[Path, str], list[int]] = {}
 
 
 def prepare_output_dir(output_dir: str | Path) -> Path:
@@ -39,15 +40,15 @@ def prepare_output_dir(output_dir: str | Path) -> Path:
     return path
 
 
-def _acquire(output_dir: str | Path, command: str) -> int:
+def _acquire(output_dir: str | Path, command: str, name: str = LOCK_FILE, shared: bool = False) -> int:
     path = prepare_output_dir(output_dir)
-    lock = path / LOCK_FILE
+    lock = path / name
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise VbonError(f"train.output_dir {path} is not writable ({err.strerror})") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as err:
         holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
@@ -58,24 +59,35 @@ def _acquire(output_dir: str | Path, command: str) -> int:
             "train.output_dir"
         ) from None
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    os.ftruncate(fd, 0)
+    os.ftruncate(fd, 0)  # shared holders overwrite each other: the file names one of them
     os.pwrite(fd, f"{command} (pid {os.getpid()} on {socket.gethostname()}, since {since})\n".encode(), 0)
     return fd
 
 
 @contextlib.contextmanager
-def run_lock(output_dir: str | Path, command: str) -> Iterator[None]:
+def run_lock(output_dir: str | Path, command: str, part: str = "") -> Iterator[None]:
     """Hold the output directory's lock for `command` (e.g. "vbon train") while the block runs.
 
-    Rank 0 takes it (RANK, or the process group's rank); nested use in one process is allowed.
+    Rank 0 takes it (RANK, or the process group's rank); nested use in one process is allowed. With `part`
+    (a job-array task's share of the work, e.g. "refcache-part-0-of-4") the directory's lock is shared with
+    the other parts and only the part's own lock is exclusive: the parts run side by side, while a whole run
+    waits for none of them and is refused.
     """
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    key = Path(output_dir).expanduser().resolve()
+    key = (Path(output_dir).expanduser().resolve(), part)
     error = ""
     if rank == 0:
         try:
             if key in _held:
                 _held[key][1] += 1
+            elif part:
+                own = _acquire(output_dir, command, name=f"{LOCK_FILE}.{part}")  # first: a refused
+                try:  # attempt leaves the directory's lock file naming its holders
+                    shared = _acquire(output_dir, command, shared=True)
+                except VbonError:
+                    os.close(own)
+                    raise
+                _held[key] = [shared, 1, own]
             else:
                 _held[key] = [_acquire(output_dir, command), 1]
         except VbonError as err:
@@ -92,4 +104,6 @@ def run_lock(output_dir: str | Path, command: str) -> Iterator[None]:
         if rank == 0:
             _held[key][1] -= 1
             if not _held[key][1]:
-                os.close(_held.pop(key)[0])  # closing the descriptor releases the lock
+                held = _held.pop(key)
+                for fd in (held[0], *held[2:]):
+                    os.close(fd)  # closing the descriptor releases the lock

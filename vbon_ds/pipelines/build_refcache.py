@@ -53,7 +53,10 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
     a last run without it fills any gap and validates the whole cache.
     """
     distributed.init_distributed()
-    with run_lock(cfg.train.output_dir, "vbon refcache"):  # also checks the directory before any work
+    # Also checks the directory before any work. Job-array parts run side by side, each part once.
+    share = f"refcache-part-{part[0]}-of-{part[1]}" if part[1] > 1 else ""
+    command = f"vbon refcache --part {part[0]}/{part[1]}" if share else "vbon refcache"
+    with run_lock(cfg.train.output_dir, command, share):
         check_models_fit(cfg)
         return _fill(cfg, part)
 

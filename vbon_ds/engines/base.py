@@ -20,6 +20,15 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _own_parameter_memory(module: torch.nn.Module) -> None:
+    """Copy CPU parameters into memory of their own. transformers leaves them in the memory-mapped checkpoint
+    file, at offsets that are not 64-byte aligned, and CPU matmuls on them ran 2-6x slower (SmolLM2-135M:
+    17 s vs 7 s to sample 32 x 24 tokens). ZeRO stages 1-3 copy parameters into their own buffers anyway."""
+    for param in module.parameters():  # tied weights are one parameter: copied once, still tied
+        if param.device.type == "cpu":
+            param.data = param.data.clone()
+
+
 def _alone_without_zero(ds_engine: Any) -> bool:
     """One data-parallel rank, ZeRO stage 0, fp32 (a plain torch optimizer, no fp16/bf16 wrapper)."""
     return (
@@ -37,6 +46,8 @@ class DeepSpeedModel:
         self.ds = ds_engine
         self.module = ds_engine.module
         self.trainable = trainable
+        if ds_engine.zero_optimization_stage() == 0:
+            _own_parameter_memory(self.module)
         if trainable and _alone_without_zero(ds_engine):
             # DeepSpeed would still flatten every gradient into one buffer, all-reduce it over this one rank
             # and copy it back at each optimizer step: a copy of the whole model's gradients for nothing.

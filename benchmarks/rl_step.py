@@ -116,18 +116,16 @@ def run_vbon(steps: int, workdir: Path, model_dir: Path, overrides: list[str]) -
     trainer = Trainer(cfg)
     timed, tokens = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        exp = trainer.make_experience(list(range(PROMPTS)))
-        trainer.update(exp)
+        stats, problem = trainer.train_step()  # the trainer's own step: experience, then update
+        assert not problem, problem
         trainer.step += 1
-        total = time.perf_counter() - t0
-        rollout, logprobs = exp.stats["time/rollout"], exp.stats["time/logprobs"]
+        total, rollout, logprobs = stats["time/step"], stats["time/rollout"], stats["time/logprobs"]
         timed.append(
             {"total": total, "rollout": rollout, "logprobs": logprobs, "update": total - rollout - logprobs}
         )
-        tokens.append(int(exp.mask.sum()))
-    stages = {"actor": trainer.actor.ds.zero_optimization_stage()}
-    return _phase_result(timed, tokens, threads=torch.get_num_threads(), zero_stage=stages["actor"])
+        tokens.append(round(stats["train/response_length"] * PROMPTS * ANSWERS))
+    stage = trainer.engines.actor.ds.zero_optimization_stage()
+    return _phase_result(timed, tokens, threads=torch.get_num_threads(), zero_stage=stage)
 
 
 # ---------------------------------------------------------------- TRL (its own venv)

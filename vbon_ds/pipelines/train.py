@@ -240,8 +240,8 @@ class Trainer:
         if stats and (problem or self.step % self.cfg.logging.log_every == 0):
             self.monitor.scalars(stats, self.step)
         bar.update(1)
-        if "train/loss" in stats:
-            bar.set_postfix(loss=f"{stats['train/loss']:.3f}")
+        shown = ("train/reward", "train/kl") if "train/reward" in stats else ("train/loss",)
+        bar.set_postfix({tag.split("/")[1]: f"{stats[tag]:.3f}" for tag in shown if tag in stats})
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise VbonError(
                 f"{self.bad_steps} consecutive steps had non-finite rewards or losses (last: {problem}); "

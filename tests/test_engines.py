@@ -172,6 +172,37 @@ def test_collectives_without_a_process_group():
     assert distributed.all_reduce_max(7) == 7
 
 
+FROM_MAIN = """
+import sys, torch.distributed as dist
+from vbon_ds.engines import distributed
+from vbon_ds.errors import VbonError
+dist.init_process_group("gloo")
+assert distributed.from_main(lambda: distributed.rank() + 41) == 41
+def unusable():
+    raise VbonError("no usable checkpoint")
+try:
+    distributed.from_main(unusable)
+except VbonError as err:
+    print(f"rank {distributed.rank()}: {err}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
+    script = tmp_path / "from_main.py"
+    script.write_text(FROM_MAIN)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "--master_port", str(free_port()), str(script)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: no usable checkpoint",
+        "rank 1: no usable checkpoint",
+    ]
+
+
 def test_threads_per_rank_share_the_cores_unless_the_user_chose():
     assert distributed.threads_per_rank(16, 4, None) == 4
     assert distributed.threads_per_rank(2, 2, "") == 1

@@ -365,8 +365,7 @@ def load_checkpoint(path: str | Path, engines: dict[str, DeepSpeedModel]) -> dic
     `path` is a step directory or a checkpoint root (see `resume_checkpoint`); rank 0 picks and verifies.
     """
     path = Path(path)
-    step_dir = resume_checkpoint(path) if distributed.is_main() else None
-    step_dir = distributed.broadcast_object(step_dir)
+    step_dir = distributed.from_main(lambda: resume_checkpoint(path))
     if step_dir is None:
         raise VbonError(f"no checkpoint in {path} (neither a step directory nor a root with a 'latest' file)")
     for name, engine in engines.items():

@@ -11,10 +11,13 @@ import os
 import re
 import socket
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from vbon_ds.errors import VbonError
 
 
 def free_port() -> int:
@@ -105,6 +108,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def from_main(compute: Callable[[], Any]) -> Any:
+    """compute() on rank 0 and its result on every rank. A VbonError there is raised on every rank, instead
+    of leaving the other ranks waiting in the broadcast forever."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = compute()
+        except VbonError as err:
+            error = str(err)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise VbonError(error)
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -137,8 +137,7 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
 def _validated(root: Path, expected: dict[str, str], part: tuple[int, int]) -> CacheSummary:
     """Validate the cache holds `expected` (id -> prompt text) and report it: one rank validates, the others
     wait and read its verdict."""
-    summary = validate_cache(root, expected_ids=expected) if distributed.is_main() else None
-    summary = distributed.broadcast_object(summary)
+    summary = distributed.from_main(lambda: validate_cache(root, expected_ids=expected))
     if distributed.is_main():
         of_part = f" (part {part[0]}/{part[1]}: {len(expected)} prompts)" if part[1] > 1 else ""
         print(f"refcache: {summary.num_prompts} prompts x M={summary.num_ref_samples} in {root}{of_part}")

@@ -191,7 +191,7 @@ def run(cfg: ExperimentConfig) -> list[EvalRow]:
     """
     engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
     root = Path(cfg.train.output_dir) / "checkpoints"
-    checkpoint = distributed.broadcast_object(resume_checkpoint(root) if distributed.is_main() else None)
+    checkpoint = distributed.from_main(lambda: resume_checkpoint(root))
     steps = 0
     if checkpoint is not None:
         load_trained_weights(engines.actor, checkpoint / "actor")

@@ -104,7 +104,7 @@ class Trainer:
             return
         root = self.out / "checkpoints" if resume == "auto" else Path(resume)
         # The newest verified checkpoint; a VbonError when some exist but none is usable.
-        path = distributed.broadcast_object(resume_checkpoint(root) if distributed.is_main() else None)
+        path = distributed.from_main(lambda: resume_checkpoint(root))
         if path is None:
             if resume != "auto":
                 raise VbonError(f"train.resume: no checkpoint in {root}")

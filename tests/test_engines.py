@@ -203,6 +203,33 @@ def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
     ]
 
 
+SHARED_MEMORY = """
+import glob, os
+from vbon_ds.engines import distributed
+distributed.init_distributed()
+distributed.barrier()
+print("segments", len(glob.glob(f"/dev/shm/*_{os.environ['MASTER_PORT']}_*")), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_cpu_process_group_leaves_nothing_in_shared_memory(tmp_path):
+    # DeepSpeed's CPU backend used to compile a shared-memory all-reduce and leave 69 MB per rank in
+    # /dev/shm on every init; a test suite's worth filled the machine's memory.
+    script = tmp_path / "shared_memory.py"
+    script.write_text(SHARED_MEMORY)
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "--master_port", str(port), str(script)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("segments 0") == 2, proc.stdout
+    assert "shm_comm" not in proc.stdout + proc.stderr
+    assert not list(Path("/dev/shm").glob(f"*_{port}_*"))
+
+
 def test_threads_per_rank_share_the_cores_unless_the_user_chose():
     assert distributed.threads_per_rank(16, 4, None) == 4
     assert distributed.threads_per_rank(2, 2, "") == 1

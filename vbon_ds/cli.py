@@ -97,6 +97,18 @@ def _cmd_refcache(args: argparse.Namespace) -> None:
     build_refcache.run(load_config(args.config, args.overrides), part=args.part)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from vbon_ds.pipelines import evaluate
+
+    evaluate.run(load_config(args.config, args.overrides), run_dirs=args.runs, out=args.out)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from vbon_ds.pipelines.sweep import run_sweep
+
+    run_sweep(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vbon", description="Variational Best-of-N alignment with DeepSpeed.")
     # The deepspeed launcher passes --local_rank=K before the subcommand unless given --no_local_rank;
@@ -107,12 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("train", "train", "train a policy with vBoN, KL-RL or an offline baseline on DeepSpeed engines"),
         ("refcache", "build_refcache", "sample M reference answers per prompt, score them, cache them"),
-        ("evaluate", "evaluate", "compare policy, reference and BoN(N): reward, KL, win rate, temperatures"),
         ("bon", "bon_sampling", "Best-of-N sampling baseline from the reference cache"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
         p.set_defaults(func=_pipeline(module))
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="policies vs reference vs BoN(n) on one reward-KL plane: reward, KL, win rates, Pareto front",
+        description="Evaluate this config's run, or each --run directory, against the cache and BoN(n).",
+    )
+    _add_config_args(evaluate)
+    evaluate.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a run's train.output_dir, evaluated at its latest checkpoint (repeatable)",
+    )
+    evaluate.add_argument(
+        "--out",
+        metavar="PREFIX",
+        help="write PREFIX.json, PREFIX.md and PREFIX.png (default: train.output_dir/eval/results.*)",
+    )
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="train several methods on one reference cache, evaluate them all, draw the reward-KL frontier",
+        description="Run a sweep YAML (see launch/sweep_smollm2.yaml): refcache, each run, one evaluation.",
+    )
+    sweep.add_argument("--config", required=True, metavar="FILE", help="sweep YAML")
+    sweep.set_defaults(func=_cmd_sweep)
+
     refcache = sub.choices["refcache"]
     refcache.add_argument(
         "--part",

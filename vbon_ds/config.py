@@ -104,6 +104,10 @@ class RewardConfig:
     """Prompt+response pairs scored per reward-model forward."""
     missing_eos_score: float | None = None
     """Raw score of answers cut off before EOS (null: the model's); vbon objectives give them min log F."""
+    eval_model: str = ""
+    """Separate evaluation reward model for `vbon evaluate` only (reported beside the training reward)."""
+    eval_function: str = ""
+    """Registered rule reward for `vbon evaluate` only, instead of `eval_model`; empty: none."""
 
 
 @dataclass
@@ -470,6 +474,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"vbon.n: algo.name={cfg.algo.name} takes the best of N={cfg.vbon.n} cached answers, but the "
             f"cache holds vbon.num_ref_samples={cfg.vbon.num_ref_samples} per prompt"
+        )
+    if cfg.reward.eval_model and cfg.reward.eval_function:
+        raise ConfigError(
+            f"reward.eval_function: {cfg.reward.eval_function!r} and reward.eval_model="
+            f"{cfg.reward.eval_model!r} are both set; give at most one evaluation reward"
         )
     if cfg.generation.min_new_tokens > cfg.generation.max_new_tokens:
         raise ConfigError(

@@ -1,40 +1,57 @@
-"""`vbon evaluate`: the trained policy against the reference and BoN(N) on the evaluation prompts.
+"""`vbon evaluate`: trained policies against the reference and BoN(n) on the evaluation prompts, on one
+reward-KL plane.
 
-    reference:  the M cached answers per prompt: mean reward, KL 0, win rate 1/2 against itself
-    BoN(n):     unbiased order-statistic estimates from the same cache for n = 1, 2, 4, ... <= M:
+    reference:  the M cached answers per prompt (BoN(1)): mean reward, KL 0, win rate 1/2 against itself
+    BoN(n):     unbiased order-statistic estimates from the same cache for n = 1, 2, 4, ... < M and vbon.n:
                 expected reward, win rate over a reference answer, and the KL bound log n - (n-1)/n
-    policy:     generation.eval_samples fresh answers per prompt at each generation.eval_temperatures
-                value: mean reward, KL(pi_theta || pi_ref) estimated from its own samples (both at that
-                temperature), mean log F_hat and win rate against the cached reference answers
-Writes eval/results.json, eval/results.md and eval/reward_kl.png under train.output_dir.
+    policies:   generation.eval_samples fresh answers per prompt at each generation.eval_temperatures value,
+                from the reference ("reference (fresh)") and from each run's latest verified checkpoint:
+                mean reward, KL(pi_T || pi_ref) with pi_ref at the reference cache's temperature (one KL axis
+                for every point, whatever T), mean log F_hat, win rates against one reference answer and
+                against BoN(vbon.n) of the cached answers
+Means come with standard errors across prompts (frontier.mean_and_se). With reward.eval_model or
+reward.eval_function set, every row also reports that evaluation reward (BoN rows: the cached answers
+rescored, BoN still choosing by the training reward), and the Pareto front is taken on it; win rates and
+log F stay on the training reward, the one the cache holds. Writes results.json, results.md and
+reward_kl.png under train.output_dir/eval, or PREFIX.json/.md/.png with `--out PREFIX`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import statistics
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vbon_ds import bon
-from vbon_ds.config import ExperimentConfig
+from vbon_ds.config import ConfigError, ExperimentConfig
 from vbon_ds.data import load_prompts
 from vbon_ds.engines import distributed
+from vbon_ds.engines.builders import build_reward
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.engines.policy import PolicyEngine
+from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.engines.weights import load_trained_weights
-from vbon_ds.errors import writing
+from vbon_ds.errors import VbonError, writing
+from vbon_ds.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
 from vbon_ds.pipelines.engines import Engines, build_engines
 from vbon_ds.pipelines.experience import TokenBatch, policy_logprobs
 from vbon_ds.pipelines.rollout import sample_and_score, shard_evenly
 from vbon_ds.refcache import RefCache, open_refcache
+from vbon_ds.rewards import reward_names
+from vbon_ds.tldr import fit_query
+
+OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
 
 
 @dataclass
 class EvalRow:
-    """One line of the evaluation table."""
+    """One line of the evaluation table (one point of the reward-KL plane); `*_se`: standard errors across
+    prompts."""
 
     method: str
     temperature: float | None
@@ -43,161 +60,371 @@ class EvalRow:
     win_rate: float
     log_f: float | None = None
     kl_is_bound: bool = False
+    setting: str = ""
+    """What was trained: objective or algorithm, N, beta (runs only)."""
+    run: str = ""
+    """The run's output directory (runs only)."""
+    steps: int | None = None
+    reward_se: float | None = None
+    kl_se: float | None = None
+    win_rate_se: float | None = None
+    win_vs_bon: float | None = None
+    """Win rate against BoN(bon_n) of the cached reference answers."""
+    win_vs_bon_se: float | None = None
+    bon_n: int | None = None
+    eval_reward: float | None = None
+    """Mean evaluation reward (reward.eval_model / eval_function), when one is set."""
+    eval_reward_se: float | None = None
+    on_front: bool = False
+    """No other row has >= reward (the evaluation reward when set) and <= KL, one of them strictly."""
 
 
-def win_rate_vs_reference(rewards: torch.Tensor, ref_rewards: torch.Tensor) -> torch.Tensor:
-    """Per answer: P(its reward beats a cached reference answer's), ties counting half. [B] and [B, M]."""
-    below = (ref_rewards < rewards[:, None]).double().mean(1)
-    tied = (ref_rewards == rewards[:, None]).double().mean(1)
-    return below + 0.5 * tied
+@dataclass(frozen=True)
+class Policy:
+    """A policy to sample: the engine (with the run's weights loaded), its label and what it was."""
+
+    label: str
+    setting: str = ""
+    run: str = ""
+    steps: int | None = None
 
 
-def bon_rows(ref_rewards: torch.Tensor, n_main: int) -> list[EvalRow]:
-    """Reference (BoN(1)) and BoN(n) for powers of two up to M, plus n_main; from the cache alone."""
-    m = ref_rewards.shape[1]
-    ns = sorted({n for n in [2**i for i in range(m.bit_length())] + [n_main] if n < m})
+@dataclass
+class Context:
+    """What every row of one evaluation shares: the prompts, the cache, the scorers, the reference."""
+
+    cfg: ExperimentConfig
+    engines: Engines
+    cache: RefCache
+    eval_scorer: RewardScorer | None
+    bon_n: int
+
+    @property
+    def ref_temperature(self) -> float:
+        """The reference cache's sampling temperature (the fingerprint check makes it the config's)."""
+        return self.cfg.generation.temperature
+
+
+def _stat(row: dict[str, Any], name: str, values: torch.Tensor | None) -> None:
+    """row[name], row[name_se] = mean and standard error over prompts of `values` [P] or [P, K]."""
+    if values is None:
+        return
+    row[name], row[f"{name}_se"] = mean_and_se(values)
+
+
+def run_setting(cfg_dict: dict[str, Any]) -> str:
+    """A short description of a run from its saved config: e.g. 'vBoN (bound) N=8', 'KL-RL beta=0.05',
+    'dpo N=8 beta=0.1'."""
+    vbon, algo = cfg_dict["vbon"], cfg_dict["algo"]
+    name = algo["name"]
+    if name in OFFLINE_ALGOS:
+        betas = {"dpo": algo["dpo_beta"], "ipo": algo["ipo_beta"], "bonbon": algo["ipo_beta"]}
+        beta = betas.get(name)
+        return f"{name} N={vbon['n']}" + (f" beta={beta:g}" if beta is not None else "")
+    if vbon["objective"] == "kl_rl":
+        return f"KL-RL beta={vbon['beta']:g} ({name})"
+    kind = "exact" if vbon["objective"] == "vbon_exact" else "bound"
+    return f"vBoN ({kind}) N={vbon['n']} ({name})"
+
+
+def eval_scorer(cfg: ExperimentConfig, engines: Engines) -> RewardScorer | None:
+    """The separate evaluation reward (reward.eval_model or reward.eval_function), or None."""
+    reward = cfg.reward
+    if not (reward.eval_model or reward.eval_function):
+        return None
+    if reward.eval_function and reward.eval_function not in reward_names():
+        known = ", ".join(reward_names())
+        raise ConfigError(f"reward.eval_function: unknown reward {reward.eval_function!r} (known: {known})")
+    as_training = copy.deepcopy(cfg)
+    as_training.reward.function, as_training.reward.model = reward.eval_function, reward.eval_model
+    return build_reward(as_training, engines.sizes)
+
+
+def rescored_cache(ctx: Context, prompt_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rewards, evaluation rewards) of the cached answers in draw order, [P, M] float64 each: the
+    cached answer texts scored by the evaluation reward, as the refcache scored them (fitted prompt, EOS)."""
+    tok = ctx.engines.tokenizer
+    mine, real = shard_evenly(list(range(len(prompt_ids))), distributed.rank(), distributed.world_size())
+    records = [ctx.cache.record(prompt_ids[i]) for i in mine]
+    prompts = [fit_query(r.prompt, tok, ctx.cfg.data.max_prompt_tokens) for r in records for _ in r.texts]
+    texts = [text for r in records for text in r.texts]
+    ended = torch.tensor([bool(ids) and ids[-1] == tok.eos_token_id for r in records for ids in r.token_ids])
+    scores = ctx.eval_scorer.score(prompts, texts, ended_with_eos=ended).view(len(records), -1)
+    local = [(r.rewards, s) for r, s in zip(records[:real], scores[:real].tolist(), strict=True)]
+    gathered = [pair for part in distributed.all_gather_object(local) for pair in part]
+    train = torch.tensor([pair[0] for pair in gathered], dtype=torch.float64)
+    return train, torch.tensor([pair[1] for pair in gathered], dtype=torch.float64)
+
+
+def bon_rows(ctx: Context, prompt_ids: list[str]) -> list[EvalRow]:
+    """Reference (BoN(1)) and BoN(n) for powers of two below M, plus vbon.n; from the cache alone."""
+    refs = ctx.cache.rewards_for(prompt_ids).double()
+    m, n_main = refs.shape[1], ctx.bon_n
+    drawn, rescored = rescored_cache(ctx, prompt_ids) if ctx.eval_scorer is not None else (None, None)
     rows = []
-    for n in ns:
+    for n in sorted({n for n in [2**i for i in range(m.bit_length())] + [n_main] if n < m}):
+        row: dict[str, Any] = {"kl": bon.bon_kl_bound(n), "kl_is_bound": n > 1}
+        _stat(row, "reward", bon.expected_bon_reward(refs, n))
+        _stat(row, "win_rate", bon.bon_win_rate(refs, n))
+        if n == n_main:  # BoN(n) against itself: 1/2 by symmetry
+            row["win_vs_bon"], row["win_vs_bon_se"] = 0.5, 0.0
+        elif n == 1 and n_main < m:  # one reference answer against BoN(n) of the others
+            _stat(row, "win_vs_bon", 1 - bon.bon_win_rate(refs, n_main))
+        if rescored is not None:
+            _stat(row, "eval_reward", expected_bon_other_reward(drawn, rescored, n))
+        method = "reference" if n == 1 else f"BoN({n})"
+        rows.append(EvalRow(method=method, temperature=None, bon_n=n_main, **row))
+    return rows
+
+
+@torch.no_grad()
+def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow]:
+    """Sample `policy` generation.eval_samples times per evaluation prompt at every eval temperature; KL is
+    against the reference at the cache's temperature."""
+    cfg, engines = ctx.cfg, ctx.engines
+    prompts = load_prompts(cfg.data, "eval")
+    k = cfg.generation.eval_samples
+    mine, real = shard_evenly(list(range(len(prompts))), distributed.rank(), distributed.world_size())
+    prompt_texts = [prompts.texts[i] for i in mine for _ in range(k)]
+    real_ids = [prompts.ids[i] for i in mine[:real]]
+    refs = ctx.cache.rewards_for(real_ids).double()
+    size = cfg.train.micro_batch_size
+    rows = []
+    for temperature in cfg.generation.eval_temperatures:
+        scored = sample_and_score(
+            policy,
+            engines.scorer,
+            engines.tokenizer,
+            prompt_texts,
+            cfg.generation,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            temperature=temperature,
+        )
+        batch = TokenBatch.of(scored.rollout)
+        logp = policy_logprobs(policy, batch, temperature, size)
+        ref_logp = policy_logprobs(engines.reference, batch, ctx.ref_temperature, size)
+        kl = ((logp - ref_logp) * batch.response_mask).sum(1)
+        rewards = scored.rewards[: real * k].double().view(real, k)
+        local = {
+            "reward": rewards,
+            "kl": kl[: real * k].double().view(real, k),
+            "win_rate": win_rate_vs_bon(rewards, refs, 1),
+            "log_f": bon.log_cdf(rewards, refs, presorted=True),
+        }
+        if ctx.bon_n <= refs.shape[1]:
+            local["win_vs_bon"] = win_rate_vs_bon(rewards, refs, ctx.bon_n)
+        if ctx.eval_scorer is not None:
+            fitted = [fit_query(text, engines.tokenizer, cfg.data.max_prompt_tokens) for text in prompt_texts]
+            ended = scored.rollout.ended_with_eos
+            local["eval_reward"] = (
+                ctx.eval_scorer.score(fitted, scored.responses, ended_with_eos=ended)[: real * k]
+                .double()
+                .view(real, k)
+            )
+        gathered = distributed.all_gather_object({key: v.tolist() for key, v in local.items()})
+        row: dict[str, Any] = {}
+        for key in local:
+            per_prompt = [answers for part in gathered for answers in part[key]]
+            _stat(row, key, torch.tensor(per_prompt, dtype=torch.float64))
+        del row["log_f_se"]
         rows.append(
             EvalRow(
-                method="reference" if n == 1 else f"BoN({n})",
-                temperature=None,
-                reward=bon.expected_bon_reward(ref_rewards, n).mean().item(),
-                kl=bon.bon_kl_bound(n),
-                win_rate=bon.bon_win_rate(ref_rewards, n).mean().item(),
-                kl_is_bound=n > 1,
+                method=who.label,
+                temperature=temperature,
+                setting=who.setting,
+                run=who.run,
+                steps=who.steps,
+                bon_n=ctx.bon_n,
+                **row,
             )
         )
     return rows
 
 
-@torch.no_grad()
-def policy_rows(
-    cfg: ExperimentConfig, engines: Engines, policy: PolicyEngine, cache: RefCache, label: str = "policy"
-) -> list[EvalRow]:
-    """Sample `policy` generation.eval_samples times per evaluation prompt at every eval temperature."""
-    prompts = load_prompts(cfg.data, "eval")
-    k = cfg.generation.eval_samples
-    mine, real = shard_evenly(list(range(len(prompts))), distributed.rank(), distributed.world_size())
-    prompt_texts = [prompts.texts[i] for i in mine for _ in range(k)]
-    real_ids = [prompts.ids[i] for i in mine[:real] for _ in range(k)]
-    size = cfg.train.micro_batch_size
-    rows = []
-    for temperature in cfg.generation.eval_temperatures:
-        scored = sample_and_score(
-            policy, engines.scorer, engines.tokenizer, prompt_texts, cfg.generation,
-            max_prompt_tokens=cfg.data.max_prompt_tokens, temperature=temperature,
-        )  # fmt: skip
-        batch = TokenBatch.of(scored.rollout)
-        logp = policy_logprobs(policy, batch, temperature, size)
-        ref_logp = policy_logprobs(engines.reference, batch, temperature, size)
-        kl = ((logp - ref_logp) * batch.response_mask).sum(1)
-        rewards = scored.rewards[: real * k].to(torch.float64)
-        refs = cache.rewards_for(real_ids).to(torch.float64)
-        local = {
-            "reward": rewards.tolist(),
-            "kl": kl[: real * k].tolist(),
-            "win": win_rate_vs_reference(rewards, refs).tolist(),
-            "log_f": bon.log_cdf(rewards, refs, presorted=True).tolist(),
-        }
-        gathered = distributed.all_gather_object(local)
-        mean = {key: statistics.fmean(v for g in gathered for v in g[key]) for key in local}
-        rows.append(EvalRow(label, temperature, mean["reward"], mean["kl"], mean["win"], mean["log_f"]))
+def mark_front(rows: list[EvalRow]) -> list[EvalRow]:
+    """Set on_front on the rows on the reward-KL Pareto front (the evaluation reward when there is one)."""
+    rewards = [row.reward if row.eval_reward is None else row.eval_reward for row in rows]
+    for row, on in zip(rows, pareto_front(rewards, [row.kl for row in rows]), strict=True):
+        row.on_front = on
     return rows
 
 
+def _pm(value: float | None, se: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    if se is None or math.isnan(se) or se == 0.0:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {se:.{digits}f}"
+
+
 def format_table(rows: list[EvalRow]) -> str:
-    """A markdown table of the rows."""
-    lines = [
-        "| method | temperature | mean reward | KL(pi \\|\\| pi_ref) | win rate vs ref | mean log F |",
-        "|---|---|---|---|---|---|",
-    ]
+    """A markdown table of the rows (± standard errors across prompts; * marks the Pareto front)."""
+    bon_n = next((row.bon_n for row in rows if row.bon_n is not None), None)
+    with_eval = any(row.eval_reward is not None for row in rows)
+    with_setting = any(row.setting for row in rows)
+    header = ["method", "temperature"] + (["setting"] if with_setting else [])
+    header += ["mean reward"] + (["eval reward"] if with_eval else [])
+    header += ["KL(pi \\|\\| pi_ref)", "win rate vs ref", f"win rate vs BoN({bon_n})", "mean log F", "front"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        temp = "-" if row.temperature is None else f"{row.temperature:g}"
-        kl = f"<= {row.kl:.3f}" if row.kl_is_bound else f"{row.kl:.3f}"
-        log_f = "-" if row.log_f is None else f"{row.log_f:.3f}"
-        lines.append(f"| {row.method} | {temp} | {row.reward:.4f} | {kl} | {row.win_rate:.3f} | {log_f} |")
+        kl = f"<= {row.kl:.3f}" if row.kl_is_bound else _pm(row.kl, row.kl_se, 3)
+        cells = [row.method, "-" if row.temperature is None else f"{row.temperature:g}"]
+        cells += [row.setting or "-"] if with_setting else []
+        cells += [_pm(row.reward, row.reward_se, 4)]
+        cells += [_pm(row.eval_reward, row.eval_reward_se, 4)] if with_eval else []
+        cells += [kl, _pm(row.win_rate, row.win_rate_se, 3), _pm(row.win_vs_bon, row.win_vs_bon_se, 3)]
+        cells += [_pm(row.log_f, None, 3), "*" if row.on_front else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
-    """Reward against KL: the BoN curve (KL at its bound) and the policy points, one per temperature."""
+    """Reward (the evaluation reward when set) against KL: the BoN curve (KL at its bound), one marker
+    series per policy over temperatures, the Pareto front as a step line with its points circled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    def y(row: EvalRow) -> float:
+        return row.reward if row.eval_reward is None else row.eval_reward
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     cache_rows = [r for r in rows if r.temperature is None]
     ax.plot(
-        [r.kl for r in cache_rows],
-        [r.reward for r in cache_rows],
-        "o-",
-        color="gray",
-        label="BoN(n) (KL bound)",
+        [r.kl for r in cache_rows], [y(r) for r in cache_rows], "o-", color="gray", label="BoN(n) (KL bound)"
     )
     for r in cache_rows:
-        ax.annotate(r.method, (r.kl, r.reward), fontsize=7, xytext=(3, -8), textcoords="offset points")
-    for label in dict.fromkeys(r.method for r in rows if r.temperature is not None):
+        ax.annotate(r.method, (r.kl, y(r)), fontsize=7, xytext=(3, -8), textcoords="offset points")
+    markers = "sD^v<>pPX*h"
+    for i, label in enumerate(dict.fromkeys(r.method for r in rows if r.temperature is not None)):
         mine = [r for r in rows if r.method == label]
-        ax.plot([r.kl for r in mine], [r.reward for r in mine], "s--", label=f"{label} (by temperature)")
+        setting = f" [{mine[0].setting}]" if mine[0].setting else ""
+        ax.errorbar(
+            [r.kl for r in mine],
+            [y(r) for r in mine],
+            xerr=[r.kl_se or 0.0 for r in mine],
+            yerr=[(r.reward_se if r.eval_reward is None else r.eval_reward_se) or 0.0 for r in mine],
+            fmt=markers[i % len(markers)] + "--",
+            capsize=2,
+            label=f"{label}{setting}",
+        )
         for r in mine:
             ax.annotate(
-                f"T={r.temperature:g}",
-                (r.kl, r.reward),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
+                f"T={r.temperature:g}", (r.kl, y(r)), fontsize=6, xytext=(3, 3), textcoords="offset points"
             )
-    ax.set_xlabel("KL(pi || pi_ref)")
-    ax.set_ylabel("mean reward")
+    front = sorted((r for r in rows if r.on_front), key=lambda r: r.kl)
+    if front:
+        ax.step([r.kl for r in front], [y(r) for r in front], where="post", color="black", alpha=0.4, lw=1)
+        ax.scatter(
+            [r.kl for r in front],
+            [y(r) for r in front],
+            s=120,
+            facecolors="none",
+            edgecolors="black",
+            label="Pareto front",
+        )
+    ax.set_xlabel("KL(pi || pi_ref), pi_ref at the cache temperature")
+    ax.set_ylabel("mean evaluation reward" if any(r.eval_reward is not None for r in rows) else "mean reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(cfg: ExperimentConfig, rows: list[EvalRow]) -> Path:
-    """results.json, results.md and reward_kl.png in output_dir/eval (rank 0); returns the directory."""
-    out = Path(cfg.train.output_dir) / "eval"
+def write_report(cfg: ExperimentConfig, rows: list[EvalRow], prefix: str | Path | None = None) -> Path:
+    """results.json, results.md and reward_kl.png in output_dir/eval, or PREFIX.json/.md/.png (rank 0);
+    returns the directory written to."""
+    if prefix is None:
+        out = Path(cfg.train.output_dir) / "eval"
+        paths = (out / "results.json", out / "results.md", out / "reward_kl.png")
+    else:
+        prefix = Path(prefix)
+        out = prefix.parent
+        paths = tuple(prefix.with_name(f"{prefix.name}{ext}") for ext in (".json", ".md", ".png"))
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        with writing(out / "results.json"):
-            (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-        with writing(out / "results.md"):
-            (out / "results.md").write_text(format_table(rows) + "\n")
-        with writing(out / "reward_kl.png"):
-            plot_reward_kl(rows, out / "reward_kl.png")
+        with writing(paths[0]):
+            paths[0].write_text(json.dumps([asdict(r) for r in rows], indent=2))
+        with writing(paths[1]):
+            paths[1].write_text(format_table(rows) + "\n")
+        with writing(paths[2]):
+            plot_reward_kl(rows, paths[2])
     return out
 
 
-def evaluate(cfg: ExperimentConfig, engines: Engines) -> list[EvalRow]:
+def context(cfg: ExperimentConfig, engines: Engines) -> Context:
+    """The shared parts of an evaluation: the cache (checked against the config), the evaluation reward."""
+    return Context(cfg, engines, open_refcache(cfg), eval_scorer(cfg, engines), cfg.vbon.n)
+
+
+def evaluate(
+    cfg: ExperimentConfig, engines: Engines, runs: list[tuple[Policy, Path | None]] | None = None
+) -> list[EvalRow]:
     """The whole table for engines that are already built (actor, reference and scorer; the demo reuses
-    the trainer's)."""
-    cache = open_refcache(cfg)
-    eval_ids = load_prompts(cfg.data, "eval").ids
-    rows = bon_rows(cache.rewards_for(eval_ids).double(), cfg.vbon.n)
-    rows += policy_rows(cfg, engines, engines.reference, cache, label="reference (fresh)")
-    rows += policy_rows(cfg, engines, engines.actor, cache)
-    return rows
+    the trainer's): BoN rows, the fresh reference, then each run (a Policy and the checkpoint to load into
+    the actor, None: the actor as it is; default: the actor as "policy")."""
+    ctx = context(cfg, engines)
+    rows = bon_rows(ctx, load_prompts(cfg.data, "eval").ids)
+    rows += policy_rows(ctx, engines.reference, Policy("reference (fresh)"))
+    for who, checkpoint in runs if runs is not None else [(Policy("policy"), None)]:
+        if checkpoint is not None:
+            load_trained_weights(engines.actor, checkpoint / "actor")
+        rows += policy_rows(ctx, engines.actor, who)
+    return mark_front(rows)
 
 
-def run(cfg: ExperimentConfig) -> list[EvalRow]:
-    """Evaluate the latest checkpoint of this config's run (or the untrained actor if there is none).
+def _checkpoint_of(output_dir: Path, required: bool, what: str) -> Path | None:
+    checkpoint = distributed.from_main(lambda: resume_checkpoint(output_dir / "checkpoints"))
+    if checkpoint is None and required:
+        raise VbonError(f"{what}: no verified checkpoint under {output_dir / 'checkpoints'}; train it first")
+    return checkpoint
+
+
+def _run_policy(run_dir: Path, checkpoint: Path | None, label: str) -> Policy:
+    if checkpoint is None:
+        return Policy(label, run=str(run_dir), steps=0)
+    state = distributed.from_main(lambda: read_trainer_state(checkpoint))
+    setting = run_setting(state["config"]) if "config" in state else ""
+    return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
+
+
+def run(
+    cfg: ExperimentConfig,
+    run_dirs: list[str | Path] | None = None,
+    out: str | Path | None = None,
+    labels: list[str] | None = None,
+) -> list[EvalRow]:
+    """Evaluate the latest checkpoint of this config's run (the untrained actor if there is none), or of
+    each run directory in `run_dirs` (labelled by `labels`, default the directory names), all against the
+    same reference cache and reward, with the engines built once.
 
     Inference engines only: no critic, no optimizer, no TensorBoard writer; the actor's weights are read
     from the checkpoint files, so any world size and any training batch sizes work.
     """
+    if run_dirs:
+        dirs = [Path(d) for d in run_dirs]
+        for d in dirs:
+            if not d.is_dir():
+                raise VbonError(f"--run {d}: no such run directory")
+        labels = labels or [d.name for d in dirs]
+        if len(set(labels)) != len(labels):
+            raise VbonError(f"--run: two runs share a name ({', '.join(labels)}); give distinct directories")
     engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
-    root = Path(cfg.train.output_dir) / "checkpoints"
-    checkpoint = distributed.from_main(lambda: resume_checkpoint(root))
-    steps = 0
-    if checkpoint is not None:
-        load_trained_weights(engines.actor, checkpoint / "actor")
-        steps = int(read_trainer_state(checkpoint)["step"])
-    rows = evaluate(cfg, engines)
-    out = write_report(cfg, rows)
+    if run_dirs:
+        checkpoints = [_checkpoint_of(d, True, f"--run {d}") for d in dirs]
+        runs = [(_run_policy(d, c, label), c) for d, c, label in zip(dirs, checkpoints, labels, strict=True)]
+    else:
+        own = Path(cfg.train.output_dir)
+        checkpoint = _checkpoint_of(own, False, "")
+        runs = [(_run_policy(own, checkpoint, "policy"), checkpoint)]
+    rows = evaluate(cfg, engines, runs)
+    where = write_report(cfg, rows, out)
     if distributed.is_main():
-        print(f"evaluation after {steps} training steps ({out}):\n{format_table(rows)}")
+        if run_dirs:
+            steps = ", ".join(f"{who.label} after {who.steps} steps" for who, _ in runs)
+            print(f"evaluation of {len(runs)} runs ({steps}) ({where}):\n{format_table(rows)}")
+        else:
+            print(f"evaluation after {runs[0][0].steps} training steps ({where}):\n{format_table(rows)}")
     return rows

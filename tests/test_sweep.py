@@ -1,0 +1,135 @@
+"""`vbon sweep`: the sweep file's checks, and a tiny sweep end to end with a failing run, then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from vbon_ds.config import ConfigError, load_config
+from vbon_ds.pipelines.sweep import SweepDriver, load_sweep
+
+
+def write_sweep(path: Path, runs: list[dict], **top) -> Path:
+    body = {"output_dir": str(path.parent / "sweep"), "base": {"preset": "tiny"}, "runs": runs, **top}
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize(
+    "top, runs, message",
+    [
+        ({}, [], "runs: expected a non-empty list"),
+        ({}, [{"name": "a"}, {"name": "a"}], "runs[1].name: 'a' is used twice"),
+        ({}, [{"name": "a/b"}], "runs[0].name: 'a/b' is not a directory name"),
+        ({}, [{"name": "a", "set": "vbon.n=4"}], "runs[0].set: expected a list of KEY=VALUE strings"),
+        ({}, [{"name": "a", "sett": []}], "runs[0].sett: unknown key"),
+        ({"base": {"preset": "huge"}}, [{"name": "a"}], "base.preset: 'huge' is not allowed"),
+        ({"base": {"preset": "tiny", "config": "x.yaml"}}, [{"name": "a"}], "base: give base.preset or"),
+        ({"output_dir": ""}, [{"name": "a"}], "output_dir: required"),
+        ({"evaluation": {}}, [{"name": "a"}], "evaluation: unknown key"),
+    ],
+)
+def test_sweep_file_errors_name_the_field(tmp_path, top, runs, message):
+    path = write_sweep(tmp_path / "sweep.yaml", runs, **top)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    assert message in str(err.value)
+
+
+def test_run_configs_are_checked_before_any_work_and_share_one_cache(tmp_path):
+    runs = [{"name": "n4", "set": ["vbon.n=4"]}, {"name": "hot", "set": ["generation.temperature=0.5"]}]
+    driver = SweepDriver(load_sweep(write_sweep(tmp_path / "s.yaml", runs)))
+    with pytest.raises(ConfigError, match=r"runs\[1\] \(hot\): .*cache's settings \(temperature\)"):
+        driver.run_configs(driver.base_config())
+    assert not (tmp_path / "sweep" / "configs").exists()  # nothing written for any run
+    runs[1] = {"name": "typo", "set": ["vbon.nn=4"]}
+    driver = SweepDriver(load_sweep(write_sweep(tmp_path / "s.yaml", runs)))
+    with pytest.raises(ConfigError, match=r"runs\[1\] \(typo\): vbon.nn: unknown key"):
+        driver.run_configs(driver.base_config())
+    runs.pop()
+    driver = SweepDriver(load_sweep(write_sweep(tmp_path / "s.yaml", runs)))
+    configs = driver.run_configs(driver.base_config())
+    cfg = load_config(tmp_path / "sweep" / "configs" / "n4.yaml")
+    assert cfg == configs["n4"] and cfg.vbon.n == 4
+    assert cfg.train.output_dir == str(tmp_path / "sweep" / "runs" / "n4")
+    assert cfg.train.refcache_dir == str(tmp_path / "sweep" / "refcache")
+
+
+def sweep_cli(path: Path) -> subprocess.CompletedProcess:
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "vbon_ds", "sweep", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_sweep_reports_a_failed_run_then_resumes_without_retraining(tmp_path):
+    base = {
+        "preset": "tiny",
+        "set": ["train.steps=1", "data.max_train_prompts=4", "generation.eval_samples=2",
+                "logging.progress_bar=false"],
+    }  # fmt: skip
+    runs = [
+        {"name": "vbon_n2", "set": ["vbon.n=2"]},
+        {"name": "late", "set": ["model.trainable_layers=9"]},  # fails: the tiny model has 2 layers
+    ]
+    path = write_sweep(tmp_path / "sweep.yaml", runs, base=base)
+    root = tmp_path / "sweep"
+    first = sweep_cli(path)
+    assert first.returncode == 2, first.stderr[-3000:]
+    assert "sweep: 1 of 2 runs failed (late)" in first.stderr
+    status = json.loads((root / "status.json").read_text())
+    assert [status[n]["status"] for n in ("refcache", "vbon_n2", "late", "evaluate")] == [
+        "done", "done", "failed", "done"
+    ]  # fmt: skip
+    assert "model.trainable_layers: 9 is out of range" in status["late"]["detail"]
+    rows = json.loads((root / "frontier.json").read_text())
+    assert [r["method"] for r in rows if r["run"]] == ["vbon_n2"]  # one row per finished run (T = 1)
+    assert (root / "runs" / "vbon_n2" / "tensorboard").is_dir()
+    kept = (root / "runs" / "vbon_n2" / "checkpoints" / "latest").stat().st_mtime_ns
+
+    runs[1]["set"] = []  # fixed: the rerun trains it, and only it
+    write_sweep(path, runs, base=base)
+    second = sweep_cli(path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    status = json.loads((root / "status.json").read_text())
+    assert [status[n]["status"] for n in ("refcache", "vbon_n2", "late")] == ["skipped", "skipped", "done"]
+    assert (root / "runs" / "vbon_n2" / "checkpoints" / "latest").stat().st_mtime_ns == kept
+    rows = json.loads((root / "frontier.json").read_text())
+    policy_rows = [r for r in rows if r["run"]]
+    assert [r["method"] for r in policy_rows] == ["vbon_n2", "late"]
+    assert [r["setting"] for r in policy_rows] == ["vBoN (bound) N=2 (rloo)", "vBoN (bound) N=4 (rloo)"]
+    assert all(r["steps"] == 1 for r in policy_rows)
+    table = (root / "frontier.md").read_text()
+    assert len(table.splitlines()) == 2 + len(rows) and "| late | 1 |" in table
+    png = root / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(png).ndim == 3
+
+
+def test_run_settings_name_method_n_and_beta():
+    from vbon_ds.config import config_to_dict
+    from vbon_ds.pipelines.evaluate import run_setting
+
+    def setting(*overrides: str) -> str:
+        return run_setting(config_to_dict(load_config(None, list(overrides))))
+
+    assert setting("vbon.n=16", "algo.name=rloo", "algo.samples_per_prompt=2") == "vBoN (bound) N=16 (rloo)"
+    assert setting("vbon.objective=vbon_exact") == "vBoN (exact) N=8 (ppo)"
+    assert setting("vbon.objective=kl_rl", "vbon.beta=0.05") == "KL-RL beta=0.05 (ppo)"
+    assert setting("algo.name=bon_sft") == "bon_sft N=8"
+    assert setting("algo.name=dpo") == "dpo N=8 beta=0.1"
+    assert setting("algo.name=bonbon", "vbon.n=4") == "bonbon N=4"

@@ -9,7 +9,7 @@ import yaml
 
 from vbon_ds.cli import main
 
-SUBCOMMANDS = ["train", "refcache", "evaluate", "bon", "demo", "toy", "config"]
+SUBCOMMANDS = ["train", "refcache", "evaluate", "bon", "demo", "toy", "config", "sweep"]
 
 
 def run_vbon(*args):
@@ -71,11 +71,15 @@ def test_recipes_in_launch_load():
     from pathlib import Path
 
     from vbon_ds.config import load_config
+    from vbon_ds.pipelines.sweep import load_sweep
 
     recipes = sorted(Path("launch").glob("*.yaml"))
     assert recipes, "launch/ should hold experiment recipes"
     for recipe in recipes:
-        load_config(recipe)
+        if recipe.name.startswith("sweep_"):
+            assert load_sweep(recipe).runs, recipe
+        else:
+            load_config(recipe)
 
 
 def test_readme_config_reference_is_current():

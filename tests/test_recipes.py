@@ -13,7 +13,7 @@ from vbon_ds.engines.plan import format_plan, memory_plan
 from vbon_ds.refcache import fingerprint_from_config, refcache_dir
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
-RECIPES = sorted(LAUNCH.glob("*.yaml"))
+RECIPES = sorted(p for p in LAUNCH.glob("*.yaml") if not p.name.startswith("sweep_"))  # sweeps: test_cli
 
 
 def world_sizes(recipe: Path) -> list[int]:

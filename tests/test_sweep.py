@@ -133,3 +133,13 @@ def test_run_settings_name_method_n_and_beta():
     assert setting("algo.name=bon_sft") == "bon_sft N=8"
     assert setting("algo.name=dpo") == "dpo N=8 beta=0.1"
     assert setting("algo.name=bonbon", "vbon.n=4") == "bonbon N=4"
+
+
+def test_evaluate_names_a_missing_run_directory(tmp_path, capsys):
+    from vbon_ds.cli import main
+    from vbon_ds.config import dump_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_config(load_config(None, [f"train.output_dir={tmp_path / 'out'}"])))
+    assert main(["evaluate", "--config", str(config), "--run", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"vbon: error: --run {tmp_path / 'nope'}: no such run directory\n"

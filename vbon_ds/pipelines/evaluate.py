@@ -264,7 +264,8 @@ def format_table(rows: list[EvalRow]) -> str:
     with_setting = any(row.setting for row in rows)
     header = ["method", "temperature"] + (["setting"] if with_setting else [])
     header += ["mean reward"] + (["eval reward"] if with_eval else [])
-    header += ["KL(pi \\|\\| pi_ref)", "win rate vs ref", f"win rate vs BoN({bon_n})", "mean log F", "front"]
+    header += ["KL(pi \\|\\| pi_ref)", "win rate vs ref", f"win rate vs BoN({bon_n or 'n'})", "mean log F"]
+    header += ["front"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         kl = f"<= {row.kl:.3f}" if row.kl_is_bound else _pm(row.kl, row.kl_se, 3)
@@ -382,10 +383,17 @@ def _checkpoint_of(output_dir: Path, required: bool, what: str) -> Path | None:
     return checkpoint
 
 
-def _run_policy(run_dir: Path, checkpoint: Path | None, label: str) -> Policy:
+def _run_policy(cfg: ExperimentConfig, run_dir: Path, checkpoint: Path | None, label: str) -> Policy:
     if checkpoint is None:
         return Policy(label, run=str(run_dir), steps=0)
     state = distributed.from_main(lambda: read_trainer_state(checkpoint))
+    trained = state.get("config", {}).get("model", {})
+    for key in ("actor", "gguf_file", "lora_rank"):
+        if key in trained and trained[key] != getattr(cfg.model, key):
+            raise VbonError(
+                f"--run {run_dir}: trained with model.{key}={trained[key]!r}, but this config has "
+                f"{getattr(cfg.model, key)!r}; evaluate it with its own config"
+            )
     setting = run_setting(state["config"]) if "config" in state else ""
     return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
 
@@ -414,11 +422,13 @@ def run(
     engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
     if run_dirs:
         checkpoints = [_checkpoint_of(d, True, f"--run {d}") for d in dirs]
-        runs = [(_run_policy(d, c, label), c) for d, c, label in zip(dirs, checkpoints, labels, strict=True)]
+        runs = [
+            (_run_policy(cfg, d, c, label), c) for d, c, label in zip(dirs, checkpoints, labels, strict=True)
+        ]
     else:
         own = Path(cfg.train.output_dir)
         checkpoint = _checkpoint_of(own, False, "")
-        runs = [(_run_policy(own, checkpoint, "policy"), checkpoint)]
+        runs = [(_run_policy(cfg, own, checkpoint, "policy"), checkpoint)]
     rows = evaluate(cfg, engines, runs)
     where = write_report(cfg, rows, out)
     if distributed.is_main():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -233,7 +234,7 @@ class SweepDriver:
         with writing(log), log.open("w") as out:
             out.write(f"$ {shlex.join(self.command(*args))}\n")
             out.flush()
-            code = subprocess.run(self.command(*args), stdout=out, stderr=subprocess.STDOUT).returncode
+            code = _run_to_the_end(self.command(*args), out)
         stage.seconds = round(time.monotonic() - start, 1)
         ok = code == 0
         stage.status = "done" if ok else "failed"
@@ -301,6 +302,37 @@ class SweepDriver:
         if not self.stage("evaluate", evaluate, f"evaluate {len(trained)} runs + BoN(n)"):
             raise VbonError(f"sweep: the evaluation failed ({self.stages['evaluate'].detail}); see its log")
         return trained
+
+
+def _run_to_the_end(command: list[str], out: Any) -> int:
+    """Run a stage; on Ctrl-C (which the stage gets too) or SIGTERM (passed on to it) wait until it stops
+    by itself, so a training run checkpoints at its next step boundary, then stop the sweep."""
+    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    stopped: list[int] = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            print(
+                "sweep: interrupted; the running stage stops at its next checkpoint (Ctrl-C again: kill it)"
+            )
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise VbonError("sweep: stopped by SIGTERM; rerun `vbon sweep` to resume it")
+    return code
 
 
 def _write_config(path: Path, cfg: ExperimentConfig) -> None:

@@ -238,7 +238,8 @@ class SweepDriver:
         stage.seconds = round(time.monotonic() - start, 1)
         ok = code == 0
         stage.status = "done" if ok else "failed"
-        stage.detail = "" if ok else f"exit {code}: {_last_error(log)}"
+        how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        stage.detail = "" if ok else f"{how}: {_last_error(log)}"
         print(
             f"sweep: {what}: {stage.status} in {stage.seconds:.0f} s" + ("" if ok else f" ({stage.detail})")
         )

@@ -21,8 +21,6 @@ from vbon_ds.refcache import open_refcache
 from vbon_ds.rewards import register_reward
 from vbon_ds.tiny import make_tiny_causal_lm
 
-pytestmark = pytest.mark.slow
-
 CACHE_T, OTHER_T, K, N = 1.0, 0.5, 3, 4
 
 
@@ -81,6 +79,7 @@ def per_prompt_stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(means), statistics.stdev(means) / math.sqrt(len(means))
 
 
+@pytest.mark.slow
 def test_policy_rows_equal_direct_computations(evaluated):
     cfg, rows, calls, hf = evaluated
     cache = open_refcache(cfg)
@@ -120,6 +119,7 @@ def test_policy_rows_equal_direct_computations(evaluated):
         assert row.log_f == pytest.approx(statistics.fmean(log_f), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_one_kl_axis_the_reference_at_the_cache_temperature_is_at_zero(evaluated):
     rows = evaluated[1]
     fresh = {row.temperature: row for row in rows if row.method == "reference (fresh)"}
@@ -131,6 +131,7 @@ def test_one_kl_axis_the_reference_at_the_cache_temperature_is_at_zero(evaluated
     assert untrained[CACHE_T].kl == 0.0 and untrained[OTHER_T].kl > 0.01
 
 
+@pytest.mark.slow
 def test_bon_rows_equal_enumeration_over_the_cache(evaluated):
     cfg, rows, _, _ = evaluated
     from vbon_ds.data import load_prompts
@@ -158,6 +159,7 @@ def test_bon_rows_equal_enumeration_over_the_cache(evaluated):
     assert by_method["BoN(4)"].win_vs_bon == 0.5 and by_method["reference"].kl == 0.0
 
 
+@pytest.mark.slow
 def test_front_and_report(evaluated, tmp_path):
     cfg, rows, _, _ = evaluated
     ys = [row.eval_reward for row in rows]  # the front is taken on the evaluation reward when it is set
@@ -172,3 +174,15 @@ def test_front_and_report(evaluated, tmp_path):
         and len(table.splitlines()) == 2 + len(rows)
     )
     assert Path(tmp_path / "frontier.json").stat().st_size > 0
+
+
+def test_at_most_one_evaluation_reward_and_a_known_one(tmp_path):
+    from vbon_ds.config import ConfigError, load_config
+    from vbon_ds.pipelines.engines import Engines
+
+    with pytest.raises(ConfigError, match=r"reward\.eval_function: 'vader' and reward\.eval_model='m'"):
+        load_config(None, ["reward.eval_function=vader", "reward.eval_model=m"])
+    cfg = load_config(None, ["reward.eval_function=nope"])
+    with pytest.raises(ConfigError, match=r"reward\.eval_function: unknown reward 'nope' \(known: .*vader"):
+        evaluate.eval_scorer(cfg, Engines(tokenizer=None, sizes=None))
+    assert evaluate.eval_scorer(load_config(None, []), Engines(tokenizer=None, sizes=None)) is None

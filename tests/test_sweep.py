@@ -34,6 +34,11 @@ def write_sweep(path: Path, runs: list[dict], **top) -> Path:
         ({"base": {"preset": "tiny", "config": "x.yaml"}}, [{"name": "a"}], "base: give base.preset or"),
         ({"output_dir": ""}, [{"name": "a"}], "output_dir: required"),
         ({"evaluation": {}}, [{"name": "a"}], "evaluation: unknown key"),
+        (
+            {"launcher": "no-such-launcher -n 2"},
+            [{"name": "a"}],
+            "launcher: 'no-such-launcher' is not a command",
+        ),
     ],
 )
 def test_sweep_file_errors_name_the_field(tmp_path, top, runs, message):
@@ -143,3 +148,10 @@ def test_evaluate_names_a_missing_run_directory(tmp_path, capsys):
     config.write_text(dump_config(load_config(None, [f"train.output_dir={tmp_path / 'out'}"])))
     assert main(["evaluate", "--config", str(config), "--run", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"vbon: error: --run {tmp_path / 'nope'}: no such run directory\n"
+
+
+def test_a_launcher_beside_this_python_is_found(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", [{"name": "a"}], launcher="torchrun --nproc_per_node 2")
+    launcher = load_sweep(path).launcher
+    assert Path(launcher[0]).name == "torchrun" and Path(launcher[0]).is_file()
+    assert launcher[1:] == ["--nproc_per_node", "2"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,18 @@ def _string(value: Any, where: str) -> str:
     return value
 
 
+def _launcher(text: str) -> list[str]:
+    """The launcher's words, its program resolved on PATH or beside this Python (a venv not activated)."""
+    words = shlex.split(text)
+    if not words:
+        return []
+    beside = Path(sys.executable).parent / words[0]
+    found = shutil.which(words[0]) or (str(beside) if shutil.which(beside) else None)
+    if found is None:
+        raise ConfigError(f"launcher: {words[0]!r} is not a command on PATH nor beside {sys.executable}")
+    return [found, *words[1:]]
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep YAML; every message names the field (runs[i] for a run)."""
     from vbon_ds.pipelines.demo import PRESETS
@@ -140,7 +153,7 @@ def load_sweep(path: str | Path) -> Sweep:
         preset=preset,
         base_config=base_config,
         base_overrides=_overrides(base.get("set"), "base.set"),
-        launcher=shlex.split(_string(data.get("launcher"), "launcher")),
+        launcher=_launcher(_string(data.get("launcher"), "launcher")),
         eval_overrides=_overrides(evaluate.get("set"), "evaluate.set"),
     )
 

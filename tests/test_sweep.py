@@ -146,8 +146,8 @@ def test_evaluate_names_a_missing_run_directory(tmp_path, capsys):
 
     config = tmp_path / "c.yaml"
     config.write_text(dump_config(load_config(None, [f"train.output_dir={tmp_path / 'out'}"])))
-    assert main(["evaluate", "--config", str(config), "--run", str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err == f"vbon: error: --run {tmp_path / 'nope'}: no such run directory\n"
+    assert main(["evaluate", "--config", str(config), "--runs", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"vbon: error: --runs {tmp_path / 'nope'}: no such run directory\n"
 
 
 def test_a_launcher_beside_this_python_is_found(tmp_path):

@@ -127,16 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="policies vs reference vs BoN(n) on one reward-KL plane: reward, KL, win rates, Pareto front",
-        description="Evaluate this config's run, or each --run directory, against the cache and BoN(n).",
+        description="Evaluate this config's run, or each --runs directory, against the cache and BoN(n).",
     )
     _add_config_args(evaluate)
     evaluate.add_argument(
-        "--run",
-        dest="runs",
-        action="append",
+        "--runs",  # not --run: launchers such as torchrun would take it for an abbreviation of --run-path
+        nargs="+",
+        action="extend",
         default=[],
         metavar="DIR",
-        help="a run's train.output_dir, evaluated at its latest checkpoint (repeatable)",
+        help="runs' train.output_dirs, each evaluated at its latest checkpoint",
     )
     evaluate.add_argument(
         "--out",

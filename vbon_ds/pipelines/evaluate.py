@@ -391,7 +391,7 @@ def _run_policy(cfg: ExperimentConfig, run_dir: Path, checkpoint: Path | None, l
     for key in ("actor", "gguf_file", "lora_rank"):
         if key in trained and trained[key] != getattr(cfg.model, key):
             raise VbonError(
-                f"--run {run_dir}: trained with model.{key}={trained[key]!r}, but this config has "
+                f"--runs {run_dir}: trained with model.{key}={trained[key]!r}, but this config has "
                 f"{getattr(cfg.model, key)!r}; evaluate it with its own config"
             )
     setting = run_setting(state["config"]) if "config" in state else ""
@@ -415,13 +415,13 @@ def run(
         dirs = [Path(d) for d in run_dirs]
         for d in dirs:
             if not d.is_dir():
-                raise VbonError(f"--run {d}: no such run directory")
+                raise VbonError(f"--runs {d}: no such run directory")
         labels = labels or [d.name for d in dirs]
         if len(set(labels)) != len(labels):
-            raise VbonError(f"--run: two runs share a name ({', '.join(labels)}); give distinct directories")
+            raise VbonError(f"--runs: two runs share a name ({', '.join(labels)}); give distinct directories")
     engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
     if run_dirs:
-        checkpoints = [_checkpoint_of(d, True, f"--run {d}") for d in dirs]
+        checkpoints = [_checkpoint_of(d, True, f"--runs {d}") for d in dirs]
         runs = [
             (_run_policy(cfg, d, c, label), c) for d, c, label in zip(dirs, checkpoints, labels, strict=True)
         ]

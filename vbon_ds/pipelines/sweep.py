@@ -312,7 +312,7 @@ class SweepDriver:
             raise VbonError("sweep: no run finished training; see the logs in " + str(self.root / "logs"))
         evaluate = ["evaluate", "--config", base_yaml, "--out", str(self.root / "frontier")]
         evaluate += [arg for o in self.sweep.eval_overrides for arg in ("--set", o)]
-        evaluate += [arg for name in trained for arg in ("--run", str(self.run_dir(name)))]
+        evaluate += ["--runs", *(str(self.run_dir(name)) for name in trained)]
         if not self.stage("evaluate", evaluate, f"evaluate {len(trained)} runs + BoN(n)"):
             raise VbonError(f"sweep: the evaluation failed ({self.stages['evaluate'].detail}); see its log")
         return trained

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import matplotlib.image
@@ -13,6 +15,7 @@ import pytest
 import yaml
 
 from vbon_ds.config import ConfigError, load_config
+from vbon_ds.monitor import read_scalars
 from vbon_ds.pipelines.sweep import SweepDriver, load_sweep
 
 
@@ -81,7 +84,7 @@ def sweep_cli(path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_tiny_sweep_reports_a_failed_run_then_resumes_without_retraining(tmp_path):
+def test_tiny_sweep_reports_a_failed_run_survives_sigterm_and_resumes_without_retraining(tmp_path):
     base = {
         "preset": "tiny",
         "set": ["train.steps=1", "data.max_train_prompts=4", "generation.eval_samples=2",
@@ -106,23 +109,48 @@ def test_tiny_sweep_reports_a_failed_run_then_resumes_without_retraining(tmp_pat
     assert (root / "runs" / "vbon_n2" / "tensorboard").is_dir()
     kept = (root / "runs" / "vbon_n2" / "checkpoints" / "latest").stat().st_mtime_ns
 
-    runs[1]["set"] = []  # fixed: the rerun trains it, and only it
+    # Fixed, and long: SIGTERM to the sweep reaches the trainer, which checkpoints at its next step.
+    runs[1]["set"] = ["train.steps=500", "train.checkpoint_every=0"]
     write_sweep(path, runs, base=base)
-    second = sweep_cli(path)
-    assert second.returncode == 0, second.stderr[-3000:]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vbon_ds", "sweep", "--config", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=launch_env(),
+    )  # fmt: skip
+    events = root / "runs" / "late" / "tensorboard"
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline and not read_scalars_if_any(events):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "sweep: stopped by SIGTERM" in stderr, stderr[-3000:]
+    assert json.loads((root / "status.json").read_text())["late"]["status"] == "stopped"
+    step = int((root / "runs" / "late" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 1 <= step < 500
+
+    runs[1]["set"] = [f"train.steps={step + 1}"]  # the rerun resumes it for one more step
+    write_sweep(path, runs, base=base)
+    third = sweep_cli(path)
+    assert third.returncode == 0, third.stderr[-3000:]
     status = json.loads((root / "status.json").read_text())
     assert [status[n]["status"] for n in ("refcache", "vbon_n2", "late")] == ["skipped", "skipped", "done"]
+    assert (
+        f"resumed from {root / 'runs' / 'late' / 'checkpoints'}" in (root / "logs" / "late.log").read_text()
+    )
     assert (root / "runs" / "vbon_n2" / "checkpoints" / "latest").stat().st_mtime_ns == kept
     rows = json.loads((root / "frontier.json").read_text())
     policy_rows = [r for r in rows if r["run"]]
     assert [r["method"] for r in policy_rows] == ["vbon_n2", "late"]
     assert [r["setting"] for r in policy_rows] == ["vBoN (bound) N=2 (rloo)", "vBoN (bound) N=4 (rloo)"]
-    assert all(r["steps"] == 1 for r in policy_rows)
+    assert [r["steps"] for r in policy_rows] == [1, step + 1]
     table = (root / "frontier.md").read_text()
     assert len(table.splitlines()) == 2 + len(rows) and "| late | 1 |" in table
     png = root / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).ndim == 3
+
+
+def read_scalars_if_any(events: Path) -> dict:
+    return read_scalars(events) if events.is_dir() else {}
 
 
 def test_run_settings_name_method_n_and_beta():

@@ -164,7 +164,7 @@ class Stage:
 
     name: str
     status: str = "pending"
-    """pending, done, skipped (finished before), failed."""
+    """pending, running, done, skipped (finished before), failed, stopped (Ctrl-C or SIGTERM)."""
     seconds: float = 0.0
     log: str = ""
     detail: str = ""
@@ -244,10 +244,17 @@ class SweepDriver:
         stage.log = str(log)
         print(f"sweep: {what} ...", flush=True)
         start = time.monotonic()
+        stage.status = "running"
+        self.save_status()
         with writing(log), log.open("w") as out:
             out.write(f"$ {shlex.join(self.command(*args))}\n")
             out.flush()
-            code = _run_to_the_end(self.command(*args), out)
+            try:
+                code = _run_to_the_end(self.command(*args), out)
+            except (KeyboardInterrupt, VbonError):
+                stage.status, stage.seconds = "stopped", round(time.monotonic() - start, 1)
+                self.save_status()
+                raise
         stage.seconds = round(time.monotonic() - start, 1)
         ok = code == 0
         stage.status = "done" if ok else "failed"

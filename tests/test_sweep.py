@@ -70,16 +70,19 @@ def test_run_configs_are_checked_before_any_work_and_share_one_cache(tmp_path):
     assert cfg.train.refcache_dir == str(tmp_path / "sweep" / "refcache")
 
 
+def launch_env() -> dict[str, str]:
+    """This environment without the process-group variables an in-process test may have left behind."""
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in dist_vars}
+
+
 def sweep_cli(path: Path) -> subprocess.CompletedProcess:
-    env = {
-        k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"}
-    }
     return subprocess.run(
         [sys.executable, "-m", "vbon_ds", "sweep", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=900,
-        env=env,
+        env=launch_env(),
     )
 
 

@@ -142,6 +142,8 @@ class AlgoConfig:
     """Normalise advantages to zero mean, unit variance over the batch."""
     kl_estimator: str = choice("k1", "k1", "k2", "k3")
     """Per-token KL estimator in the reward penalty (k1 = log pi - log pi_ref, as in the paper)."""
+    old_logprobs: str = choice("auto", "auto", "sampling", "forward")
+    """Actor log-probs of a rollout: recorded while sampling, or a forward; auto: sampling for fp32 actors."""
     dpo_beta: float = bounded(0.1, 0.0, open_low=True)
     """DPO's KL strength beta in -log sigmoid(beta * margin) (0.1 as in the DPO paper)."""
     ipo_beta: float | None = bounded(None, 0.0, open_low=True)
@@ -475,6 +477,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"generation.min_new_tokens: {cfg.generation.min_new_tokens} exceeds "
             f"generation.max_new_tokens={cfg.generation.max_new_tokens}"
+        )
+    if cfg.algo.old_logprobs == "sampling" and cfg.generation.min_new_tokens > 0:
+        raise ConfigError(
+            "algo.old_logprobs: sampling needs generation.min_new_tokens=0 (it masks EOS out of the logits "
+            "generation sees); use forward or auto"
         )
     if len(cfg.train.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.adam_betas):
         raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), got {cfg.train.adam_betas}")

@@ -110,10 +110,6 @@ def test_overrides_apply_after_the_file(tmp_path):
             ["generation.min_new_tokens=60", "generation.max_new_tokens=50"],
             "generation.min_new_tokens: 60 exceeds generation.max_new_tokens=50",
         ),
-        (
-            ["algo.old_logprobs=sampling", "generation.min_new_tokens=1"],
-            "algo.old_logprobs: sampling needs generation.min_new_tokens=0",
-        ),
         (["train.adam_betas=0.9"], "train.adam_betas: expected two numbers in [0, 1), got [0.9]"),
         (
             ["generation.eval_temperatures=[0.7, 0]"],

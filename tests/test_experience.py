@@ -188,17 +188,16 @@ def test_recorded_sampling_logprobs_replace_the_actor_forward():
 
 
 @pytest.mark.parametrize(
-    "setting, dtype, min_new_tokens, want",
+    "setting, dtype, want",
     [
-        ("auto", torch.float32, 0, True),
-        ("auto", torch.bfloat16, 0, False),  # bf16 sampling logits differ from the fp32 forward's
-        ("auto", torch.float32, 1, False),  # min_new_tokens masks EOS in the logits generation sees
-        ("forward", torch.float32, 0, False),
-        ("sampling", torch.bfloat16, 0, True),
+        ("auto", torch.float32, True),
+        ("auto", torch.bfloat16, False),  # bf16 sampling logits differ from the fp32 forward's
+        ("forward", torch.float32, False),
+        ("sampling", torch.bfloat16, True),
     ],
 )
-def test_when_old_logprobs_come_from_sampling(setting, dtype, min_new_tokens, want):
-    cfg = rloo_config(f"algo.old_logprobs={setting}", f"generation.min_new_tokens={min_new_tokens}")
+def test_when_old_logprobs_come_from_sampling(setting, dtype, want):
+    cfg = rloo_config(f"algo.old_logprobs={setting}")
     assert phases.old_logprobs_from_sampling(cfg, dtype) is want
 
 

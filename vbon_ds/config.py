@@ -478,11 +478,6 @@ def validate(cfg: ExperimentConfig) -> None:
             f"generation.min_new_tokens: {cfg.generation.min_new_tokens} exceeds "
             f"generation.max_new_tokens={cfg.generation.max_new_tokens}"
         )
-    if cfg.algo.old_logprobs == "sampling" and cfg.generation.min_new_tokens > 0:
-        raise ConfigError(
-            "algo.old_logprobs: sampling needs generation.min_new_tokens=0 (it masks EOS out of the logits "
-            "generation sees); use forward or auto"
-        )
     if len(cfg.train.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.adam_betas):
         raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), got {cfg.train.adam_betas}")
     if not cfg.generation.eval_temperatures or min(cfg.generation.eval_temperatures) <= 0:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel, position_ids
@@ -97,8 +98,8 @@ class SampledTokenLogprobs(LogitsProcessor):
     without another forward over it. Holds one step's [B, V] at a time, never [B, R, V].
 
     `generate` runs custom processors after its own and before temperature, top-k and top-p, so this sees
-    the model's raw logits exactly when every built-in processor is off: `sampling_config` turns all of them
-    off except min_new_tokens, which masks EOS (the caller records only when it is 0)."""
+    the model's raw logits when every built-in processor is off: `sampling_config` turns all of them off,
+    and `PolicyEngine.generate` then applies min_new_tokens (EOS masked) after this, as a forward sees it."""
 
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
@@ -244,17 +245,27 @@ class PolicyEngine(DeepSpeedModel):
         record_logprobs: bool = False,
     ) -> Rollout:
         """Sample one response per prompt row (collective under ZeRO-3: call on every rank); with
-        `record_logprobs` (and min_new_tokens 0) the rollout carries the sampled tokens' log-probs."""
+        `record_logprobs` the rollout carries the sampled tokens' log-probs and entropies."""
+        processors = LogitsProcessorList()
+        recorded = None
+        if record_logprobs:
+            recorded = SampledTokenLogprobs(temperature)
+            processors.append(recorded)
+            if min_new_tokens:  # after the recording, which must see EOS's logit as a forward does
+                processors.append(
+                    MinNewTokensLengthLogitsProcessor(
+                        prompt_ids.shape[1], min_new_tokens, self.eos_ids, device=prompt_ids.device
+                    )
+                )
         config = sampling_config(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
+            min_new_tokens=0 if record_logprobs else min_new_tokens,
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
         )
-        recorded = SampledTokenLogprobs(temperature) if record_logprobs and min_new_tokens == 0 else None
         synced = self.zero3 and not gather_params and distributed.world_size() > 1
         was_training = self.module.training
         # eval(): gradient checkpointing would switch the KV cache off; dropout is already disabled.
@@ -267,7 +278,7 @@ class PolicyEngine(DeepSpeedModel):
                     attention_mask=prompt_attention_mask,
                     generation_config=config,
                     synced_gpus=synced,
-                    logits_processor=LogitsProcessorList([recorded] if recorded is not None else []),
+                    logits_processor=processors,
                 )
         finally:
             self.module.train(was_training)

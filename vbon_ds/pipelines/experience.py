@@ -105,7 +105,7 @@ def old_logprobs_from_sampling(cfg: ExperimentConfig, actor_dtype: torch.dtype) 
     the two agree to rounding (KV-cached vs full forward); in bf16 they differ by more than PPO's ratio
     should see, so auto recomputes them there."""
     if cfg.algo.old_logprobs == "auto":
-        return actor_dtype == torch.float32 and cfg.generation.min_new_tokens == 0
+        return actor_dtype == torch.float32
     return cfg.algo.old_logprobs == "sampling"
 
 

@@ -5,6 +5,7 @@ effect is measurable."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +170,35 @@ def test_kl_is_zero_when_actor_is_the_reference():
     assert exp.stats["train/kl"] == 0.0
     # Equal rewards and zero KL: every leave-one-out advantage is 0.
     assert torch.equal(exp.tensors["advantages"], torch.zeros_like(exp.tensors["advantages"]))
+
+
+def test_recorded_sampling_logprobs_replace_the_actor_forward():
+    cfg = rloo_config()
+    actor = FakePolicy()
+    engines = Engines(tokenizer=None, sizes=batch_sizes(cfg, 1), actor=actor, reference=FakePolicy())
+    batch = token_batch(RESPONSES)
+    recorded = torch.randn(batch.response_mask.shape) * batch.response_mask
+    sampled = SimpleNamespace(sampled_logprobs=recorded, sampled_entropy=recorded.abs())
+    logps = phases.logprobs(engines, cfg, batch, sampled)
+    assert actor.forward_rows == [] and torch.equal(logps.actor, recorded)
+    assert torch.equal(logps.entropy, recorded.abs())
+    # Without a recording (or when the rollout was not recorded) the actor runs its forward.
+    forward = phases.logprobs(engines, cfg, batch, SimpleNamespace(sampled_logprobs=None))
+    assert actor.forward_rows and torch.equal(forward.actor, phases.logprobs(engines, cfg, batch).actor)
+
+
+@pytest.mark.parametrize(
+    "setting, dtype, want",
+    [
+        ("auto", torch.float32, True),
+        ("auto", torch.bfloat16, False),  # bf16 sampling logits differ from the fp32 forward's
+        ("forward", torch.float32, False),
+        ("sampling", torch.bfloat16, True),
+    ],
+)
+def test_when_old_logprobs_come_from_sampling(setting, dtype, want):
+    cfg = rloo_config(f"algo.old_logprobs={setting}")
+    assert phases.old_logprobs_from_sampling(cfg, dtype) is want
 
 
 class FakeCritic(FakePolicy):

@@ -146,6 +146,8 @@ class AlgoConfig:
     """Normalise advantages to zero mean, unit variance over the batch."""
     kl_estimator: str = choice("k1", "k1", "k2", "k3")
     """Per-token KL estimator in the reward penalty (k1 = log pi - log pi_ref, as in the paper)."""
+    old_logprobs: str = choice("auto", "auto", "sampling", "forward")
+    """Actor log-probs of a rollout: recorded while sampling, or a forward; auto: sampling for fp32 actors."""
     dpo_beta: float = bounded(0.1, 0.0, open_low=True)
     """DPO's KL strength beta in -log sigmoid(beta * margin) (0.1 as in the DPO paper)."""
     ipo_beta: float | None = bounded(None, 0.0, open_low=True)

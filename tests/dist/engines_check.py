@@ -240,6 +240,23 @@ def main(workdir: Path, ds_config: str, overrides: list[str]) -> None:
             rescored = engine.response_logprobs(seqs, masks, prompt_len, temperature=1.0)
             want = plain_logprobs(plain_model, seqs, masks, prompt_len, temperature=1.0)
         assert_close(rescored, want * gathered.response_mask, atol=1e-4, rtol=1e-4)  # actor: trained copies
+    # Log-probs and entropies recorded while sampling equal a forward over the rollout (min_new_tokens,
+    # top-k and top-p act after the recording: both are of softmax(logits / T)), gathered or synced, rows
+    # ending at any length.
+    for engine in (actor, reference):
+        for gather in (True, False):
+            torch.manual_seed(99 + rank)
+            rollout = engine.generate(
+                prompt.input_ids, prompt.attention_mask, temperature=0.8, top_k=50, top_p=0.95,
+                max_new_tokens=3 + 2 * rank, min_new_tokens=2, gather_params=gather, record_logprobs=True,
+            )  # fmt: skip
+            assert rollout.response_mask[:, :2].all()  # min_new_tokens still holds
+            with torch.no_grad():
+                logp, entropy = engine.response_logprobs(
+                    rollout.sequences, rollout.attention_mask, rollout.prompt_length, 0.8, return_entropy=True
+                )
+            assert_close(rollout.sampled_logprobs, logp, atol=1e-4, rtol=1e-4)
+            assert_close(rollout.sampled_entropy, entropy, atol=1e-4, rtol=1e-4)
     results["rollouts"] = distributed.all_gather_object(gathered.sequences.tolist())
     results["response_lengths"] = distributed.all_gather_object(gathered.responses.shape[1])
 

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel, position_ids
@@ -43,6 +44,11 @@ class Rollout:
     """P: prompt positions (the response starts at this column)."""
     ended_with_eos: torch.Tensor
     """[B] bool: the response stopped at EOS (False: cut at max_new_tokens)."""
+    sampled_logprobs: torch.Tensor | None = None
+    """[B, R] float32 log-prob of each response token under the distribution it was drawn from, before
+    top-k/top-p (softmax(logits / temperature)), 0 where `response_mask` is 0; None when not recorded."""
+    sampled_entropy: torch.Tensor | None = None
+    """[B, R] entropy of that distribution at each response position, like `sampled_logprobs`."""
 
     @property
     def responses(self) -> torch.Tensor:
@@ -57,8 +63,10 @@ def finish_rollout(
     eos_ids: list[int],
     pad_id: int,
     response_length: int,
+    recorded: SampledTokenLogprobs | None = None,
 ) -> Rollout:
-    """Masks of `generate`'s output, padded to `response_length` response tokens."""
+    """Masks of `generate`'s output, padded to `response_length` response tokens (with the log-probs and
+    entropies `recorded` during generation, if any)."""
     prompt_length = prompt_mask.shape[1]
     response = sequences[:, prompt_length:]
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
@@ -68,13 +76,53 @@ def finish_rollout(
     pad = response_length - response.shape[1]
     response = torch.nn.functional.pad(response, (0, pad), value=pad_id)
     response_mask = torch.nn.functional.pad(response_mask, (0, pad), value=0)
+    sampled = [None, None]
+    if recorded is not None:
+        sampled = [
+            torch.nn.functional.pad(values, (0, pad)) * response_mask for values in recorded.result(sequences)
+        ]
     return Rollout(
         sequences=torch.cat([sequences[:, :prompt_length], response], dim=1),
         attention_mask=torch.cat([prompt_mask.long(), response_mask], dim=1),
         response_mask=response_mask,
         prompt_length=prompt_length,
         ended_with_eos=is_eos.any(dim=1),
+        sampled_logprobs=sampled[0],
+        sampled_entropy=sampled[1],
     )
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records, while `generate` runs, each sampled token's log-prob under softmax(logits / temperature) and
+    that distribution's entropy, from the logits generation computes anyway: a rollout's old log-probs
+    without another forward over it. Holds one step's [B, V] at a time, never [B, R, V].
+
+    `generate` runs custom processors after its own and before temperature, top-k and top-p, so this sees
+    the model's raw logits when every built-in processor is off: `sampling_config` turns all of them off,
+    and `PolicyEngine.generate` then applies min_new_tokens (EOS masked) after this, as a forward sees it."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self._last_step: torch.Tensor | None = None
+        self._logprobs: list[torch.Tensor] = []
+        self._entropy: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])  # the token sampled from the previous step's distribution
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self._entropy.append(torch.special.entr(logp.exp()).sum(-1))
+        self._last_step = logp
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._last_step is not None:
+            self._logprobs.append(self._last_step.gather(1, tokens[:, None]).squeeze(1))
+            self._last_step = None
+
+    def result(self, sequences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R] log-probs, [B, R] entropies) of the R tokens generated into `sequences`."""
+        self._take(sequences[:, -1])
+        return torch.stack(self._logprobs, 1), torch.stack(self._entropy, 1)
 
 
 def sampling_config(
@@ -177,6 +225,11 @@ class PolicyEngine(DeepSpeedModel):
         self.eos_ids = eos_ids
         self.pad_id = pad_id
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The output layer's dtype: the precision of the logits (LoRA adapters may be in another)."""
+        return self.module.get_output_embeddings().weight.dtype
+
     @torch.no_grad()
     def generate(
         self,
@@ -189,14 +242,27 @@ class PolicyEngine(DeepSpeedModel):
         max_new_tokens: int,
         min_new_tokens: int = 0,
         gather_params: bool = True,
+        record_logprobs: bool = False,
     ) -> Rollout:
-        """Sample one response per prompt row (collective under ZeRO-3: call on every rank)."""
+        """Sample one response per prompt row (collective under ZeRO-3: call on every rank); with
+        `record_logprobs` the rollout carries the sampled tokens' log-probs and entropies."""
+        processors = LogitsProcessorList()
+        recorded = None
+        if record_logprobs:
+            recorded = SampledTokenLogprobs(temperature)
+            processors.append(recorded)
+            if min_new_tokens:  # after the recording, which must see EOS's logit as a forward does
+                processors.append(
+                    MinNewTokensLengthLogitsProcessor(
+                        prompt_ids.shape[1], min_new_tokens, self.eos_ids, device=prompt_ids.device
+                    )
+                )
         config = sampling_config(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
+            min_new_tokens=0 if record_logprobs else min_new_tokens,
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
         )
@@ -212,6 +278,7 @@ class PolicyEngine(DeepSpeedModel):
                     attention_mask=prompt_attention_mask,
                     generation_config=config,
                     synced_gpus=synced,
+                    logits_processor=processors,
                 )
         finally:
             self.module.train(was_training)
@@ -222,6 +289,7 @@ class PolicyEngine(DeepSpeedModel):
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
             response_length=distributed.all_reduce_max(generated),
+            recorded=recorded,
         )
 
     def response_logprobs(

@@ -16,6 +16,7 @@ from vbon_ds import bon, losses
 from vbon_ds.batching import BatchSizes
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.engines import distributed
+from vbon_ds.engines.policy import Rollout
 from vbon_ds.pipelines.engines import Engines
 from vbon_ds.pipelines.rollout import ScoredRollout, encode_prompts, sample_and_score
 
@@ -99,6 +100,15 @@ class Experience:
 # ---------------------------------------------------------------- rollout and score
 
 
+def old_logprobs_from_sampling(cfg: ExperimentConfig, actor_dtype: torch.dtype) -> bool:
+    """Whether the actor's log-probs of its rollout come from sampling instead of another forward. In fp32
+    the two agree to rounding (KV-cached vs full forward); in bf16 they differ by more than PPO's ratio
+    should see, so auto recomputes them there."""
+    if cfg.algo.old_logprobs == "auto":
+        return actor_dtype == torch.float32
+    return cfg.algo.old_logprobs == "sampling"
+
+
 def rollout(engines: Engines, cfg: ExperimentConfig, prompts: Sequence[str]) -> ScoredRollout:
     """The actor answers each entry of `prompts` once and the reward scores the answers."""
     return sample_and_score(
@@ -108,6 +118,7 @@ def rollout(engines: Engines, cfg: ExperimentConfig, prompts: Sequence[str]) -> 
         prompts,
         cfg.generation,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
+        record_logprobs=old_logprobs_from_sampling(cfg, engines.actor.dtype),
     )
 
 
@@ -215,10 +226,16 @@ class LogProbs:
 
 
 @torch.no_grad()
-def logprobs(engines: Engines, cfg: ExperimentConfig, batch: TokenBatch) -> LogProbs:
-    """Actor and reference log-probs of the sampled tokens, the actor's entropy and the critic's values."""
+def logprobs(
+    engines: Engines, cfg: ExperimentConfig, batch: TokenBatch, sampled: Rollout | None = None
+) -> LogProbs:
+    """Actor and reference log-probs of the sampled tokens, the actor's entropy and the critic's values;
+    the actor's are the ones `sampled` recorded during generation when it has them (no forward)."""
     temperature, size = cfg.generation.temperature, cfg.train.micro_batch_size
-    actor, entropy = policy_logprobs(engines.actor, batch, temperature, size, with_entropy=True)
+    if sampled is not None and sampled.sampled_logprobs is not None:
+        actor, entropy = sampled.sampled_logprobs, sampled.sampled_entropy
+    else:
+        actor, entropy = policy_logprobs(engines.actor, batch, temperature, size, with_entropy=True)
     reference = policy_logprobs(engines.reference, batch, temperature, size)
     values = None
     if engines.critic is not None:

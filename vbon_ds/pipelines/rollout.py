@@ -51,7 +51,13 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         return parts[0]
     prompt_len = max(p.prompt_length for p in parts)
     response_len = max(p.responses.shape[1] for p in parts)
-    fields: dict[str, list[torch.Tensor]] = {"seq": [], "mask": [], "resp_mask": []}
+    fields: dict[str, list[torch.Tensor]] = {
+        "seq": [],
+        "mask": [],
+        "resp_mask": [],
+        "logp": [],
+        "entropy": [],
+    }
     for part in parts:
         left = prompt_len - part.prompt_length
         right = response_len - part.responses.shape[1]
@@ -61,6 +67,9 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
             part.attention_mask[:, : part.prompt_length], (left, 0), value=0
         )
         response_mask = torch.nn.functional.pad(part.response_mask, (0, right), value=0)
+        if part.sampled_logprobs is not None:
+            fields["logp"].append(torch.nn.functional.pad(part.sampled_logprobs, (0, right)))
+            fields["entropy"].append(torch.nn.functional.pad(part.sampled_entropy, (0, right)))
         fields["seq"].append(torch.cat([prompt_ids, responses], dim=1))
         fields["mask"].append(torch.cat([prompt_mask, response_mask], dim=1))
         fields["resp_mask"].append(response_mask)
@@ -70,6 +79,8 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         response_mask=torch.cat(fields["resp_mask"]),
         prompt_length=prompt_len,
         ended_with_eos=torch.cat([p.ended_with_eos for p in parts]),
+        sampled_logprobs=torch.cat(fields["logp"]) if len(fields["logp"]) == len(parts) else None,
+        sampled_entropy=torch.cat(fields["entropy"]) if len(fields["entropy"]) == len(parts) else None,
     )
 
 
@@ -104,10 +115,12 @@ def sample_and_score(
     *,
     max_prompt_tokens: int,
     temperature: float | None = None,
+    record_logprobs: bool = False,
 ) -> ScoredRollout:
     """One answer per entry of `prompts` (repeat a prompt to get several), in generate calls of
     gen.batch_size prompts, scored by the reward model or function. A TL;DR query longer than
-    `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_query`), for both."""
+    `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_query`), for both.
+    `record_logprobs`: keep the sampled tokens' log-probs (PolicyEngine.generate)."""
     prompts = [fit_query(text, tokenizer, max_prompt_tokens) for text in prompts]
     parts = []
     for start in range(0, len(prompts), gen.batch_size):
@@ -122,6 +135,7 @@ def sample_and_score(
                 max_new_tokens=gen.max_new_tokens,
                 min_new_tokens=gen.min_new_tokens,
                 gather_params=gen.gather_params,
+                record_logprobs=record_logprobs,
             )
         )
     rollout = concat_rollouts(parts, tokenizer.pad_token_id)

@@ -168,7 +168,7 @@ class Trainer:
         rewards = sampled.rewards.to(batch.sequences.device)
         ended_with_eos = sampled.rollout.ended_with_eos
         scores = phases.score(cfg, rewards, self._sorted_ref_rewards(index), names, ended_with_eos)
-        logps = phases.logprobs(self.engines, cfg, batch)
+        logps = phases.logprobs(self.engines, cfg, batch, sampled.rollout)
         exp = phases.advantages(cfg, self.beta, batch, scores, logps)
         exp.stats["train/eos_fraction"] = ended_with_eos.float().mean().item()
         exp.stats["time/rollout"] = t_rollout

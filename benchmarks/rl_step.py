@@ -13,8 +13,8 @@ Each program runs in its own process (vbon_ds in this interpreter, TRL in the in
 torch.set_num_threads), for --steps steps; the last step is timed (the first pays one-time costs). Runs
 alternate between the programs for --repeats rounds; the table gives each run and the median per program.
 Phases, the same cut for both programs: rollout = sampling + decoding + reward; logprobs = the no-grad actor
-("old") and reference forwards (vbon_ds records the actor's while sampling: algo.old_logprobs); update = the rest of the step (advantages, forward+backward of the 4
-micro-batches, clipping, optimizer step).
+("old") and reference forwards (vbon_ds records the actor's while sampling: algo.old_logprobs); update =
+the rest of the step (advantages, forward+backward of the 4 micro-batches, clipping, optimizer step).
 
     python benchmarks/rl_step.py --trl-python /path/to/trlvenv/bin/python --repeats 2
     python benchmarks/rl_step.py --trl-python ... --programs vbon,vbon_zero3,trl   # also ZeRO-3 forced

@@ -204,11 +204,13 @@ def test_an_error_on_rank_0_reaches_every_rank(tmp_path):
 
 
 SHARED_MEMORY = """
-import glob, os
+import glob, os, sys
+from pathlib import Path
 from vbon_ds.engines import distributed
 distributed.init_distributed()
 distributed.barrier()
-print("segments", len(glob.glob(f"/dev/shm/*_{os.environ['MASTER_PORT']}_*")), flush=True)
+segments = len(glob.glob(f"/dev/shm/*_{os.environ['MASTER_PORT']}_*"))
+Path(sys.argv[1], f"rank{distributed.rank()}").write_text(str(segments))
 """
 
 
@@ -221,11 +223,11 @@ def test_a_cpu_process_group_leaves_nothing_in_shared_memory(tmp_path):
     port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*torchrun, "--master_port", str(port), str(script)],
+        [*torchrun, "--master_port", str(port), str(script), str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("segments 0") == 2, proc.stdout
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["0", "0"]  # while both ranks live
     assert "shm_comm" not in proc.stdout + proc.stderr
     assert not list(Path("/dev/shm").glob(f"*_{port}_*"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -33,7 +34,19 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
 def evaluated(tmp_path_factory):
     """One evaluation of the untrained tiny actor at the cache temperature and another, with the answers
     every sampling call returned, the cache and the model as plain Hugging Face."""
-    root = tmp_path_factory.mktemp("evaluate")
+    saved_env = dict(os.environ)
+    try:
+        yield _evaluate_captured(tmp_path_factory.mktemp("evaluate"))
+    finally:
+        # Evaluating here made a world of one in this process and exported RANK, MASTER_PORT, ...: later
+        # tests launch processes and take run locks as if no process group existed.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _evaluate_captured(root: Path) -> tuple:
     model_dir = make_tiny_causal_lm(root / "model")
     shutil.copytree(model_dir, root / "run" / "model")
     cfg = demo_config(

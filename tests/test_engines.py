@@ -184,6 +184,7 @@ try:
     distributed.from_main(unusable)
 except VbonError as err:
     print(f"rank {distributed.rank()}: {err}", flush=True)
+dist.destroy_process_group()  # gloo's threads may abort the exit otherwise ("terminate called ...")
 """
 
 

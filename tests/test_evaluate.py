@@ -38,12 +38,13 @@ def evaluated(tmp_path_factory):
     try:
         yield _evaluate_captured(tmp_path_factory.mktemp("evaluate"))
     finally:
-        # Evaluating here made a world of one in this process and exported RANK, MASTER_PORT, ...: later
-        # tests launch processes and take run locks as if no process group existed.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # Evaluating here made a world of one in this process and exported its RANK, MASTER_PORT, ...: the
+        # processes later tests launch must not inherit them (that port is taken). The process group stays
+        # (DeepSpeed keeps groups made from it), and so does LOCAL_RANK, which DeepSpeed engines built
+        # later in this process read; launchers set their own.
+        local_rank = os.environ.get("LOCAL_RANK", "0")
         os.environ.clear()
-        os.environ.update(saved_env)
+        os.environ.update(saved_env, LOCAL_RANK=local_rank)
 
 
 def _evaluate_captured(root: Path) -> tuple:

@@ -95,12 +95,15 @@ def test_the_lock_nests_in_one_process_and_is_released_after(tmp_path):
     holder.wait()
 
 
-def test_other_ranks_do_not_take_the_lock(tmp_path, monkeypatch):
+def test_other_ranks_do_not_take_the_lock(tmp_path):
     holder = hold_lock(tmp_path)
-    try:
-        monkeypatch.setenv("RANK", "1")
-        with run_lock(tmp_path, "vbon train"):
-            pass
+    try:  # rank 1 of a launcher that has not made its process group yet
+        code = HOLD + "    print('ran')\n"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

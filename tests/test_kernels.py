@@ -342,10 +342,11 @@ ZERO3_SCRIPT = textwrap.dedent(
     import deepspeed, torch
     from transformers import AutoModelForCausalLM, GPT2Config
     from transformers.integrations import HfDeepSpeedConfig
+    from vbon_ds.engines import distributed
     from vbon_ds.engines.lm_head import final_hidden_states, gathered_lm_head
     from vbon_ds.kernels import linear_token_logprobs, token_logprobs
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    distributed.init_distributed()  # gloo on CPU, without DeepSpeed's shared-memory all-reduce
     ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
                  "zero_allow_untested_optimizer": True}
     keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_config build the model partitioned

@@ -275,3 +275,23 @@ def test_offline_update_moves_what_it_optimises(algo):
     else:
         assert last["train/reward_margin"] > first["train/reward_margin"]
         assert last["train/reward_accuracy"] >= first["train/reward_accuracy"]
+
+
+def test_concat_rollouts_pads_recorded_logprobs_like_the_answers():
+    from vbon_ds.engines.policy import Rollout
+    from vbon_ds.pipelines.rollout import concat_rollouts
+
+    def part(width: int, value: float) -> Rollout:
+        mask = torch.ones(1, width, dtype=torch.long)
+        return Rollout(
+            sequences=torch.ones(1, 2 + width, dtype=torch.long), attention_mask=torch.ones(1, 2 + width),
+            response_mask=mask, prompt_length=2, ended_with_eos=torch.tensor([True]),
+            sampled_logprobs=torch.full((1, width), value), sampled_entropy=torch.full((1, width), -value),
+        )  # fmt: skip
+
+    joined = concat_rollouts([part(3, -1.0), part(1, -2.0)], pad_id=0)
+    assert torch.equal(joined.sampled_logprobs, torch.tensor([[-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0]]))
+    assert torch.equal(joined.sampled_entropy, -joined.sampled_logprobs)
+    unrecorded = part(2, -1.0)
+    unrecorded.sampled_logprobs = unrecorded.sampled_entropy = None
+    assert concat_rollouts([part(3, -1.0), unrecorded], pad_id=0).sampled_logprobs is None

@@ -113,3 +113,28 @@ def test_a_full_disk_anywhere_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         f"vbon: error: no space left on device while writing {file} (No space left on device)\n"
     )
+
+
+PROCESS_GROUP_SCRIPT = """
+import sys
+import torch.distributed as dist
+from vbon_ds import cli
+from vbon_ds.engines.distributed import init_distributed
+
+if sys.argv[1] == "before":
+    init_distributed()
+cli._cmd_toy = lambda args: init_distributed()
+assert cli.main(["toy"]) == 0
+print("initialized after main:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize(("when", "left"), [("inside", False), ("before", True)])
+def test_main_leaves_the_process_group_it_joined_and_keeps_one_it_found(when, left):
+    # gloo can abort in its destructor at interpreter exit, so the command destroys the group it made; a
+    # caller's own group (tests, notebooks) is left alone.
+    result = subprocess.run(
+        [sys.executable, "-c", PROCESS_GROUP_SCRIPT, when], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"initialized after main: {left}" in result.stdout

@@ -7,6 +7,7 @@ import errno
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from vbon_ds.config import dump_config, load_config
 from vbon_ds.errors import VbonError
@@ -203,8 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_group() -> Any:
+    """torch.distributed when a process group is up, else None (without importing torch for `vbon config`)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined_before = _process_group() is not None
+    try:
+        return _dispatch(args)
+    finally:
+        # A process group left to the interpreter's exit can abort in gloo's destructor ("terminate called
+        # without an active exception"), turning a finished run's exit code into a crash's.
+        dist = _process_group()
+        if dist is not None and not joined_before:
+            dist.destroy_process_group()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except VbonError as err:

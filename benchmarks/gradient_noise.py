@@ -10,7 +10,7 @@ answer's gradient g_i of A_i * mean_t log pi(y_t) is taken one at a time. With n
     tr S   = (sum |g_i|^2 - n |mean g|^2) / (n - 1)          per-answer noise (trace of the covariance)
     B_noise = tr S / |G|^2                                    (McCandlish et al. 2018, "B_simple")
 B_noise is the batch (in answers) at which a step's gradient is as much signal as noise. Reported for all
-weights and for a few groups (the top 4 blocks, the embeddings), in benchmarks/gradient_noise.md.
+weights and for groups (top 4 blocks, embeddings, kinds of linear layer) in benchmarks/gradient_noise.md.
 """
 
 from __future__ import annotations
@@ -33,10 +33,22 @@ HERE = Path(__file__).resolve().parent
 def groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
     layers = model.model.layers
     top = [p for layer in layers[-4:] for p in layer.parameters()] + list(model.model.norm.parameters())
+
+    def projections(*names: str) -> list[torch.nn.Parameter]:
+        return [p for name, p in model.named_parameters() if name.rsplit(".", 2)[-2] in names]
+
+    # LoRA's gradient at initialisation (B = 0) is a fixed random projection of its modules' weight
+    # gradient, which keeps the ratio of noise to signal: these rows predict LoRA's noise scale by target
     return {
         "all weights": list(model.parameters()),
         "top 4 blocks + final norm": top,
         "embeddings (tied head)": list(model.model.embed_tokens.parameters()),
+        "attention q, v (LoRA's default targets)": projections("q_proj", "v_proj"),
+        "attention k, o": projections("k_proj", "o_proj"),
+        "MLP gate, up, down": projections("gate_proj", "up_proj", "down_proj"),
+        "every linear layer (LoRA on all)": projections(
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ),
     }
 
 

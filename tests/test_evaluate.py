@@ -200,3 +200,24 @@ def test_at_most_one_evaluation_reward_and_a_known_one(tmp_path):
     with pytest.raises(ConfigError, match=r"reward\.eval_function: unknown reward 'nope' \(known: .*vader"):
         evaluate.eval_scorer(cfg, Engines(tokenizer=None, sizes=None))
     assert evaluate.eval_scorer(load_config(None, []), Engines(tokenizer=None, sizes=None)) is None
+
+
+def test_share_of_bon_gain_reads_the_cached_reference_and_bon_n():
+    def row(method, temperature, reward, kl, **kw):
+        return evaluate.EvalRow(method, temperature, reward, kl, win_rate=0.5, bon_n=8, **kw)
+
+    rows = [
+        row("reference", None, 0.1, 0.0),
+        row("BoN(2)", None, 0.3, 0.193, kl_is_bound=True),
+        row("BoN(8)", None, 0.7, 1.204, kl_is_bound=True),
+        row(evaluate.FRESH_REFERENCE, 1.0, 0.2, 0.0),
+        row("policy", 1.0, 0.4, 0.63),
+        row("klrl", 0.7, 0.05, 0.1),
+    ]
+    assert evaluate.share_of_bon_gain(rows) == [
+        "policy (T = 1): reward gain over the reference +0.300, 50% of BoN(8)'s +0.600, at KL 0.630"
+        " (BoN(8): <= 1.204)",
+        "klrl (T = 0.7): reward gain over the reference -0.050, -8% of BoN(8)'s +0.600, at KL 0.100"
+        " (BoN(8): <= 1.204)",
+    ]
+    assert evaluate.share_of_bon_gain(rows[3:]) == []  # no cached rows: nothing to compare with

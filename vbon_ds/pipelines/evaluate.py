@@ -46,6 +46,7 @@ from vbon_ds.rewards import reward_names
 from vbon_ds.tldr import fit_query
 
 OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
+FRESH_REFERENCE = "reference (fresh)"
 
 
 @dataclass
@@ -279,6 +280,28 @@ def format_table(rows: list[EvalRow]) -> str:
     return "\n".join(lines)
 
 
+def share_of_bon_gain(rows: list[EvalRow]) -> list[str]:
+    """One line per trained policy: its mean reward gain over the cached reference as a share of
+    BoN(vbon.n)'s, beside its KL and BoN(n)'s KL bound (vBoN's claim: a share near 1 at that KL)."""
+    cached = {row.method: row for row in rows if row.temperature is None}
+    bon_n = next((row.bon_n for row in rows if row.bon_n is not None), None)
+    reference, best = cached.get("reference"), cached.get(f"BoN({bon_n})")
+    if reference is None or best is None or best.reward == reference.reward:
+        return []
+    bon_gain = best.reward - reference.reward
+    lines = []
+    for row in rows:
+        if row.temperature is None or row.method == FRESH_REFERENCE:
+            continue
+        gain = row.reward - reference.reward
+        lines.append(
+            f"{row.method} (T = {row.temperature:g}): reward gain over the reference {gain:+.3f}, "
+            f"{gain / bon_gain:.0%} of BoN({bon_n})'s {bon_gain:+.3f}, at KL {row.kl:.3f} "
+            f"(BoN({bon_n}): <= {best.kl:.3f})"
+        )
+    return lines
+
+
 def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
     """Reward (the evaluation reward when set) against KL: the BoN curve (KL at its bound), one marker
     series per policy over temperatures, the Pareto front as a step line with its points circled."""
@@ -328,9 +351,9 @@ def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
     ax.set_xlabel("KL(pi || pi_ref), pi_ref at the cache temperature")
     ax.set_ylabel("mean evaluation reward" if any(r.eval_reward is not None for r in rows) else "mean reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # beside the axes: inside, a sweep's ten entries hid the points of high KL
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -368,7 +391,7 @@ def evaluate(
     the actor, None: the actor as it is; default: the actor as "policy")."""
     ctx = context(cfg, engines)
     rows = bon_rows(ctx, load_prompts(cfg.data, "eval").ids)
-    rows += policy_rows(ctx, engines.reference, Policy("reference (fresh)"))
+    rows += policy_rows(ctx, engines.reference, Policy(FRESH_REFERENCE))
     for who, checkpoint in runs if runs is not None else [(Policy("policy"), None)]:
         if checkpoint is not None:
             load_trained_weights(engines.actor, checkpoint / "actor")
@@ -437,4 +460,6 @@ def run(
             print(f"evaluation of {len(runs)} runs ({steps}) ({where}):\n{format_table(rows)}")
         else:
             print(f"evaluation after {runs[0][0].steps} training steps ({where}):\n{format_table(rows)}")
+        for line in share_of_bon_gain(rows):
+            print(line)
     return rows

@@ -54,21 +54,21 @@ PRESETS: dict[str, list[str]] = {
         "reward.function=vader",
         "vbon.n=8",
         "vbon.num_ref_samples=32",
-        # LoRA (0.46M weights): Adam moves every trained weight by about lr per step however noisy the
-        # gradient, and at 32 answers per step it is mostly noise (noise scale ~900 answers, README), so
-        # fewer trained weights and a small lr slow the KL's growth
+        # The policy gradient is mostly noise (noise scale ~580 answers for LoRA's q, v weights, README)
+        # and Adam moves every trained weight by about lr per step however noisy the step, so: LoRA
+        # (0.46M weights), few steps of many answers (16 prompts x 8), an lr that keeps KL < BoN(8)'s
         "model.lora_rank=8",
         "algo.samples_per_prompt=8",
         "algo.ppo_epochs=1",
         "generation.max_new_tokens=24",
         "generation.temperature=1.0",
-        "generation.batch_size=64",
+        "generation.batch_size=128",
         "generation.eval_temperatures=[1.0]",  # the cache's temperature, where the KL is measured
         "generation.eval_samples=8",
-        "train.steps=12",
-        "train.prompts_per_step=4",
+        "train.steps=10",
+        "train.prompts_per_step=16",
         "train.micro_batch_size=8",
-        "train.lr=5e-4",
+        "train.lr=1e-3",
         "logging.sample_every=2",
     ],
 }
@@ -129,7 +129,7 @@ def run_demo(
 ) -> None:
     """refcache -> train -> evaluate on the preset, printing the evaluation table at the end."""
     from vbon_ds.pipelines import build_refcache
-    from vbon_ds.pipelines.evaluate import evaluate, format_table, write_report
+    from vbon_ds.pipelines.evaluate import evaluate, format_table, share_of_bon_gain, write_report
     from vbon_ds.pipelines.train import Trainer
 
     distributed.init_distributed()
@@ -149,3 +149,5 @@ def run_demo(
     if distributed.is_main():
         print(f"\nvBoN with N={cfg.vbon.n} after {trainer.step} steps ({out}/results.md, reward_kl.png):")
         print(format_table(rows))
+        for line in share_of_bon_gain(rows):
+            print(line)

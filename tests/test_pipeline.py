@@ -89,6 +89,14 @@ def test_demo_tiny_single_process(tmp_path):
     out = tmp_path / "demo"
     result = vbon("demo", "--preset", "tiny", "--output-dir", str(out), "--set", "train.steps=3")
     assert "| policy | 1 |" in result.stdout and "| BoN(4) |" in result.stdout
+    evaluation = {row["method"]: row for row in json.loads((out / "eval" / "results.json").read_text())}
+    # the line under the table: the policy's gain as a share of BoN(vbon.n)'s, beside both KLs
+    policy, reference, bon4 = (evaluation[m] for m in ("policy", "reference", "BoN(4)"))
+    gain, bon_gain = policy["reward"] - reference["reward"], bon4["reward"] - reference["reward"]
+    assert (
+        f"policy (T = 1): reward gain over the reference {gain:+.3f}, {gain / bon_gain:.0%} of BoN(4)'s "
+        f"{bon_gain:+.3f}, at KL {policy['kl']:.3f} (BoN(4): <= {bon4['kl']:.3f})"
+    ) in result.stdout.splitlines()
     scalars = read_scalars(out / "tensorboard")
     assert_training_scalars(scalars, [1, 2, 3], lr=3e-3, num_refs=16)
     # Before the first update actor == reference: the KL estimate is exactly 0; the update then moves it.
@@ -97,7 +105,6 @@ def test_demo_tiny_single_process(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "eval" / "reward_kl.png").stat().st_size > 0
-    evaluation = {row["method"]: row for row in json.loads((out / "eval" / "results.json").read_text())}
     assert set(evaluation) >= {"reference", "BoN(2)", "BoN(4)", "policy", "reference (fresh)"}
     # BoN from the cache: reward rises with n; the reference row is BoN(1), at KL 0 and win rate 1/2.
     bon_rewards = [evaluation[m]["reward"] for m in ("reference", "BoN(2)", "BoN(4)")]

@@ -6,7 +6,10 @@ Each setting is the `smollm2` demo preset plus a few overrides. The reference ca
 reused from --refcache) and shared through train.refcache_dir, so a setting costs only its training (and,
 with --evaluate, its evaluation). Writes benchmarks/demo_curves.md (per-step train/reward, train/kl and
 the wall time of each run, plus the evaluation table when there is one) and benchmarks/demo_curves.png.
-Settings that change generation.max_new_tokens or vbon.num_ref_samples need a cache of their own.
+Settings that change generation.max_new_tokens or vbon.num_ref_samples need a cache of their own. A cache
+built here is sampled with the first setting's generation batch, and the batch changes which answers are
+drawn: to rerun a setting on the cache it was measured on, pass that cache with --refcache (the "_c64" ones
+and those above them: launch/sweep_smollm2.yaml's refcache/; the later ones: a `vbon demo` run's refcache/).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ SETTINGS: dict[str, list[str]] = {
     "lora8_lr1e-3_b128": [*_B128, "train.lr=1e-3"],  # the preset (its section: the whole `vbon demo`)
     "lora8_lr1.25e-3_b128x12": [*_B128, "train.lr=1.25e-3", "train.steps=12"],
     "lora8_lr1.1e-3_b128x12": [*_B128, "train.lr=1.1e-3", "train.steps=12"],
-    # longer runs (about 20 and 27 min): twice the answers per step; three times the steps at a lower lr
+    # longer runs (training 16.5 and 25.2 min): twice the answers per step; three times the steps, lower lr
     "lora8_lr1e-3_b256": [*_B128, "train.lr=1e-3", "train.prompts_per_step=32"],
     "lora8_lr6e-4_b128x30": [*_B128, "train.lr=6e-4", "train.steps=30"],
 }  # fmt: skip

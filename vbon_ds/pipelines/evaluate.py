@@ -258,9 +258,14 @@ def _pm(value: float | None, se: float | None, digits: int) -> str:
     return f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
+def _bon_n(rows: list[EvalRow]) -> int | None:
+    """The n of the run's BoN(n) (vbon.n), which every row carries."""
+    return next((row.bon_n for row in rows if row.bon_n is not None), None)
+
+
 def format_table(rows: list[EvalRow]) -> str:
     """A markdown table of the rows (± standard errors across prompts; * marks the Pareto front)."""
-    bon_n = next((row.bon_n for row in rows if row.bon_n is not None), None)
+    bon_n = _bon_n(rows)
     with_eval = any(row.eval_reward is not None for row in rows)
     with_setting = any(row.setting for row in rows)
     header = ["method", "temperature"] + (["setting"] if with_setting else [])
@@ -284,7 +289,7 @@ def share_of_bon_gain(rows: list[EvalRow]) -> list[str]:
     """One line per trained policy: its mean reward gain over the cached reference as a share of
     BoN(vbon.n)'s, beside its KL and BoN(n)'s KL bound (vBoN's claim: a share near 1 at that KL)."""
     cached = {row.method: row for row in rows if row.temperature is None}
-    bon_n = next((row.bon_n for row in rows if row.bon_n is not None), None)
+    bon_n = _bon_n(rows)
     reference, best = cached.get("reference"), cached.get(f"BoN({bon_n})")
     if reference is None or best is None or best.reward == reference.reward:
         return []

@@ -13,8 +13,9 @@ its rows have a `split` column, each role takes the rows whose `split` equals `d
 is the training set, so the two never overlap.
 
 `data.format` reads Reddit TL;DR data (vbon_ds/tldr.py): with `tldr`, or `auto` and rows that have
-`subreddit`/`title`/`post` columns or whose prompt column (else `query`) holds TL;DR queries, each prompt
-is the OpenAI-style query "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" built from the row.
+`subreddit`/`title`/`post` columns or whose prompt column (else `query`) holds a TL;DR query in any row,
+each prompt is the OpenAI-style query "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" built from the
+row, and a row that is not one is an error naming it. `auto` prints the layout it chose and why, once.
 
 Each prompt gets a stable id: the `id` column when the rows have one, else a hash of the prompt text; a
 repeated id gets "#1", "#2", ... by order of appearance. The reference cache is keyed by these ids.
@@ -23,8 +24,10 @@ repeated id gets "#1", "#2", ... by order of appearance. The reference cache is 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
+import os
 import random
 import re
 from collections.abc import Callable
@@ -66,10 +69,10 @@ def load_prompts(data: DataConfig, role: Literal["train", "eval"]) -> PromptSet:
     split = _split_name(data, role)
     limit = data.max_train_prompts if role == "train" else data.max_eval_prompts
     tables, unsplit = _split_tables(data, role)
-    tldr_tables = {id(t) for t in tables if _is_tldr(t, data)}
+    layouts = {id(t): _layout(t, data) for t in tables}
     for table in tables:
         # An empty file has no columns either; it gets the "no prompts" message below.
-        if table.num_rows and id(table) not in tldr_tables:
+        if table.num_rows and layouts[id(table)] is None:
             _require_column(table.columns, data.prompt_column, table.name)
     rows = _rows_by_convention(tables, data, role) if unsplit else _all_rows(tables)
     if not rows:
@@ -83,9 +86,10 @@ def load_prompts(data: DataConfig, role: Literal["train", "eval"]) -> PromptSet:
     texts, raw_ids = [], []
     for table, i in rows:
         where = f"{table.name}, split {split!r}, row {i}"
-        if id(table) in tldr_tables:
+        layout = layouts[id(table)]
+        if layout is not None:
             row = {name: values[i] for name, values in table.columns.items()}
-            texts.append(tldr.query_from_row(row, data.prompt_column, where))
+            texts.append(tldr.query_from_row(row, layout, where))
         else:
             texts.append(_checked_prompt(table.columns[data.prompt_column][i], where))
         raw_ids.append(_raw_id(table, i, texts[-1], where))
@@ -315,10 +319,31 @@ _READERS: dict[str, Callable[[Path], dict[str, list[Any]]]] = {
 # ---------------------------------------------------------------- rows, checks and ids
 
 
-def _is_tldr(table: _Table, data: DataConfig) -> bool:
-    if data.format == "auto":
-        return bool(table.num_rows) and tldr.is_tldr(table.columns, data.prompt_column)
-    return data.format == "tldr"
+def _layout(table: _Table, data: DataConfig) -> tldr.Layout | None:
+    """How `table`'s rows hold TL;DR posts; None for plain prompts. auto says what it chose and why."""
+    if not table.num_rows or data.format == "plain":
+        return None
+    if data.format == "tldr":
+        try:
+            return tldr.tldr_layout(list(table.columns), data.prompt_column)
+        except VbonError as err:
+            raise VbonError(f"{table.name}: {err}") from None
+    layout = tldr.auto_layout(table.columns, data.prompt_column)
+    if layout is not None:
+        _say_once(f"data: {table.name}: {layout.describe()} ({layout.reason})")
+    elif data.prompt_column in table.columns:  # else the missing column is the error
+        _say_once(
+            f"data: {table.name}: plain prompts from column {data.prompt_column!r} (data.format=auto: no row "
+            f"of it is a TL;DR query, and there are no {'/'.join(tldr.FIELDS)} columns)"
+        )
+    return layout
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    """Print `line` once a process, on the first rank only (each command loads its prompts several times)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 def _split_name(data: DataConfig, role: str) -> str:

@@ -43,7 +43,7 @@ from vbon_ds.pipelines.experience import TokenBatch, policy_logprobs
 from vbon_ds.pipelines.rollout import sample_and_score, shard_evenly
 from vbon_ds.refcache import RefCache, open_refcache
 from vbon_ds.rewards import reward_names
-from vbon_ds.tldr import fit_query
+from vbon_ds.tldr import fit_prompts
 
 OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
 FRESH_REFERENCE = "reference (fresh)"
@@ -147,7 +147,7 @@ def rescored_cache(ctx: Context, prompt_ids: list[str]) -> tuple[torch.Tensor, t
     tok = ctx.engines.tokenizer
     mine, real = shard_evenly(list(range(len(prompt_ids))), distributed.rank(), distributed.world_size())
     records = [ctx.cache.record(prompt_ids[i]) for i in mine]
-    prompts = [fit_query(r.prompt, tok, ctx.cfg.data.max_prompt_tokens) for r in records for _ in r.texts]
+    prompts = fit_prompts([r.prompt for r in records for _ in r.texts], tok, ctx.cfg.data.max_prompt_tokens)
     texts = [text for r in records for text in r.texts]
     ended = torch.tensor([bool(ids) and ids[-1] == tok.eos_token_id for r in records for ids in r.token_ids])
     scores = ctx.eval_scorer.score(prompts, texts, ended_with_eos=ended).view(len(records), -1)
@@ -215,7 +215,7 @@ def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow
         if ctx.bon_n <= refs.shape[1]:
             local["win_vs_bon"] = win_rate_vs_bon(rewards, refs, ctx.bon_n)
         if ctx.eval_scorer is not None:
-            fitted = [fit_query(text, engines.tokenizer, cfg.data.max_prompt_tokens) for text in prompt_texts]
+            fitted = fit_prompts(prompt_texts, engines.tokenizer, cfg.data.max_prompt_tokens)
             ended = scored.rollout.ended_with_eos
             local["eval_reward"] = (
                 ctx.eval_scorer.score(fitted, scored.responses, ended_with_eos=ended)[: real * k]

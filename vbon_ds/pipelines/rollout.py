@@ -16,7 +16,7 @@ from vbon_ds.config import GenerationConfig
 from vbon_ds.engines import distributed
 from vbon_ds.engines.policy import PolicyEngine, Rollout
 from vbon_ds.engines.reward import RewardScorer
-from vbon_ds.tldr import fit_query
+from vbon_ds.tldr import fit_prompts
 
 
 def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:
@@ -38,9 +38,12 @@ def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int]
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask; a long prompt loses its start, never the end next to the answer."""
+    """Left-padded ids and mask of the prompts fitted to `max_tokens` (`tldr.fit_prompts`: a TL;DR post loses
+    its end); any other long prompt loses its start, never the end next to the answer. Every path that turns
+    prompts into ids (rollouts, the cache, offline rows, evaluation) comes here."""
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+    fitted = fit_prompts(texts, tokenizer, max_tokens)
+    enc = tokenizer(fitted, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
     dev = distributed.device()
     return enc.input_ids.to(dev), enc.attention_mask.to(dev)
 
@@ -119,9 +122,9 @@ def sample_and_score(
 ) -> ScoredRollout:
     """One answer per entry of `prompts` (repeat a prompt to get several), in generate calls of
     gen.batch_size prompts, scored by the reward model or function. A TL;DR query longer than
-    `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_query`), for both.
+    `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_prompts`), for both.
     `record_logprobs`: keep the sampled tokens' log-probs (PolicyEngine.generate)."""
-    prompts = [fit_query(text, tokenizer, max_prompt_tokens) for text in prompts]
+    prompts = fit_prompts(prompts, tokenizer, max_prompt_tokens)
     parts = []
     for start in range(0, len(prompts), gen.batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[start : start + gen.batch_size], max_prompt_tokens)

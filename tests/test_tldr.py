@@ -144,7 +144,7 @@ def test_auto_refuses_a_row_that_breaks_the_layout_it_chose(tmp_path, layout):
     broken = f"'{column}' is not a TL;DR query" if column else "TL;DR field 'post' is None"
     with pytest.raises(VbonError, match=rf"row 3: {broken}") as err:
         load_prompts(DataConfig(source=str(source)), "train")
-    assert "set data.format=plain" in str(err.value) and "data.prompt_column" not in str(err.value)
+    assert "use data.format=plain" in str(err.value) and "data.prompt_column" not in str(err.value)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

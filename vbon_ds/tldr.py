@@ -132,9 +132,7 @@ def query_from_row(row: Mapping[str, Any], layout: Layout, where: str) -> str:
 def _hint(layout: Layout) -> str:
     if not layout.reason.startswith("data.format=auto"):
         return ""
-    return (
-        f" ({layout.reason}, so every row must be one; set data.format=plain to read the texts as they are)"
-    )
+    return f" ({layout.reason}, so every row must be a TL;DR post; use data.format=plain for plain texts)"
 
 
 # ---------------------------------------------------------------- fitting the token budget

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vbon_ds.config import AlgoConfig
 from vbon_ds.losses import (
     bonbon_loss,
     dpo_loss,
@@ -324,3 +325,19 @@ def test_bonbon_loss_mixes_summed_sft_and_ipo():
     got = bonbon_loss(*args, alpha=0.2, beta=0.25)
     assert got.item() == pytest.approx(0.2 * (1.0 + 3.0) / 2 + 0.8 * ipo.item())
     assert bonbon_loss(*args, alpha=0.0, beta=0.25).item() == pytest.approx(ipo.item())
+
+
+def test_default_bonbon_alpha_balances_the_two_gradients_at_the_start():
+    """At pi = pi_ref (margin 0) the default alpha gives the SFT and IPO terms gradients of about equal norm
+    for N = 8 when the best and worst answers' score functions are orthogonal, as measured on the demo
+    (benchmarks/RESULTS.md; docs/math.md section 5). Here: one categorical over 1000 answers, uniform."""
+    alpha, beta = AlgoConfig().bonbon_alpha, ipo_target_beta(8)
+    logits = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    logp = logits.log_softmax(-1)
+    chosen, rejected = logp[:1], logp[1:2]
+    ref = (chosen.detach(), rejected.detach())
+    sft = bonbon_loss(chosen, rejected, *ref, alpha=1.0, beta=beta)  # alpha = 1: the SFT term alone
+    ipo = bonbon_loss(chosen, rejected, *ref, alpha=0.0, beta=beta)
+    (g_sft,) = torch.autograd.grad(alpha * sft, logits, retain_graph=True)
+    (g_ipo,) = torch.autograd.grad((1 - alpha) * ipo, logits)
+    assert 0.5 < g_sft.norm() / g_ipo.norm() < 2.0

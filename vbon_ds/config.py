@@ -152,8 +152,8 @@ class AlgoConfig:
     """DPO's KL strength beta in -log sigmoid(beta * margin) (0.1 as in the DPO paper)."""
     ipo_beta: float | None = bounded(None, 0.0, open_low=True)
     """IPO and BoNBoN beta (margin target 1/(2 beta)); null: BoNBoN's 1/(2 (N-1) H_(N-1)) for N answers."""
-    bonbon_alpha: float = bounded(0.005, 0.0, 1.0)
-    """BoNBoN's weight of the SFT term (summed NLL of the best answer) against (1 - alpha) * IPO."""
+    bonbon_alpha: float = bounded(0.98, 0.0, 1.0)
+    """BoNBoN's SFT weight against (1 - alpha) * IPO; 0.98: equal gradient norms at start, N=8 (math.md)."""
 
 
 @dataclass

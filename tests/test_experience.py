@@ -277,6 +277,28 @@ def test_offline_update_moves_what_it_optimises(algo):
         assert last["train/reward_accuracy"] >= first["train/reward_accuracy"]
 
 
+def test_micro_step_losses_sum_each_answer_over_max_new_tokens():
+    """BoN-SFT and the policy-gradient surrogate: each answer's token sum / generation.max_new_tokens, mean
+    over answers, so an answer weighs the same whatever the other answers' lengths (docs/math.md)."""
+    chosen = token_batch([[3, 4, 5], [3]])
+    mask = chosen.response_mask
+    policy = FakePolicy()
+    logp = policy.response_logprobs(*phases.batch_tensors(chosen)[:2], 2, 1.0).detach()
+    cfg = rloo_config("algo.name=bon_sft", "generation.max_new_tokens=7")
+    engines = Engines(tokenizer=None, sizes=batch_sizes(cfg, 1), actor=policy, reference=FakePolicy())
+    exp = phases.Experience({"chosen": chosen}, {"ref_chosen": torch.zeros(2, dtype=torch.float64)})
+    stats, _ = offline_micro_step(engines, cfg)(exp)
+    assert stats["train/loss"] == pytest.approx(-(logp * mask).sum(1).mean().item() / 7)
+    rl = rloo_config("generation.max_new_tokens=7")
+    advantages = torch.tensor([1.5, -0.5], dtype=torch.float64)
+    exp = phases.Experience(
+        {"answers": chosen}, {"logprobs": logp, "advantages": advantages.unsqueeze(1) * mask}
+    )
+    stats, _ = phases.ppo_micro_step(Engines(None, batch_sizes(rl, 1), FakePolicy(), FakePolicy()), rl)(exp)
+    # ratio 1 at the first epoch: -A per token, 3 and 1 tokens
+    assert stats["train/loss"] == pytest.approx(-(1.5 * 3 - 0.5 * 1) / 2 / 7)
+
+
 def test_concat_rollouts_pads_recorded_logprobs_like_the_answers():
     from vbon_ds.engines.policy import Rollout
     from vbon_ds.pipelines.rollout import concat_rollouts

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vbon_ds.config import AlgoConfig
 from vbon_ds.losses import (
     bonbon_loss,
     dpo_loss,
@@ -52,18 +53,39 @@ def test_masked_whiten_hand_case():
     torch.testing.assert_close(masked_whiten(x, MASK, shift_mean=False, eps=0.0), (want + 2) * MASK)
 
 
-def test_kl_penalty_hand_values_and_unbiasedness():
+def test_kl_penalty_is_k1_and_unbiased():
     logp, ref = _t([math.log(0.5)]), _t([math.log(0.25)])
-    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
-    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
-    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))
-    # k1 and k3 are unbiased: their expectation under pi is KL(pi || ref) exactly.
+    assert kl_penalty(logp, ref).item() == pytest.approx(math.log(2))
     pi, q = _t([0.1, 0.6, 0.3]), _t([0.3, 0.3, 0.4])
     kl = (pi * (pi / q).log()).sum()
-    for kind in ("k1", "k3"):
-        torch.testing.assert_close((pi * kl_penalty(pi.log(), q.log(), kind)).sum(), kl)
-    with pytest.raises(ValueError, match="kind must be"):
-        kl_penalty(logp, ref, "k4")
+    torch.testing.assert_close((pi * kl_penalty(pi.log(), q.log())).sum(), kl)
+
+
+def _reward_policy_gradient(logits, ref_logp, estimator):
+    """The exact policy gradient of E_pi[-k(y)] when the per-sample penalty k is a fixed reward (detached), as
+    in shape_rewards: sum_y grad pi(y) * k(y), negated so that it is the gradient of the penalty."""
+    logits = logits.clone().requires_grad_()
+    logp = logits.log_softmax(-1)
+    penalty = estimator(logp.detach(), ref_logp)
+    (grad,) = torch.autograd.grad((logp.exp() * penalty).sum(), logits)
+    return grad
+
+
+def test_only_k1_as_a_reward_has_the_gradient_of_kl():
+    """float64 on a 6-outcome categorical: the reward penalty's policy gradient equals grad KL(pi || ref)
+    for k1 (the only estimator offered); k2 and k3 (refused by the config) point elsewhere."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, generator=gen, dtype=torch.float64)
+    ref_logp = torch.randn(6, generator=gen, dtype=torch.float64).log_softmax(-1)
+    leaf = logits.clone().requires_grad_()
+    logp = leaf.log_softmax(-1)
+    (grad_kl,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), leaf)
+    torch.testing.assert_close(_reward_policy_gradient(logits, ref_logp, kl_penalty), grad_kl)
+    k2 = lambda lp, rp: 0.5 * (lp - rp) ** 2  # noqa: E731
+    k3 = lambda lp, rp: torch.expm1(rp - lp) + (lp - rp)  # noqa: E731
+    for biased in (k2, k3):
+        cosine = F.cosine_similarity(_reward_policy_gradient(logits, ref_logp, biased), grad_kl, dim=0)
+        assert cosine < 0.99
 
 
 def test_last_token_mask_and_shape_rewards_hand_case():
@@ -137,16 +159,16 @@ def test_ppo_policy_loss_hand_case():
     old = _t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     logp = _t([[0.0, math.log(1.5), math.log(0.5)], [math.log(1.5), math.log(0.5), NAN]]).requires_grad_()
     adv = _t([[1.0, 2.0, -1.0], [-1.0, 2.0, 5.0]])
-    loss, stats = ppo_policy_loss(logp, old, adv, MASK, clip_range=0.2)
-    # per token: max(-A r, -A clip(r)) = -1, -2.4, +0.8, +1.5, -1.0
-    assert loss.item() == pytest.approx((-1 - 2.4 + 0.8 + 1.5 - 1.0) / 5)
+    loss, stats = ppo_policy_loss(logp, old, adv, MASK, clip_range=0.2, max_tokens=4)
+    # per token: max(-A r, -A clip(r)) = -1, -2.4, +0.8 | +1.5, -1.0: summed per answer, / 4, mean of 2
+    assert loss.item() == pytest.approx(((-1 - 2.4 + 0.8) + (1.5 - 1.0)) / 4 / 2)
     assert stats["clip_frac"].item() == pytest.approx(2 / 5)
     assert set(stats) == {"approx_kl", "clip_frac"}
     kl3 = [0.0, 0.5 - math.log(1.5), -0.5 - math.log(0.5), 0.5 - math.log(1.5), -0.5 - math.log(0.5)]
     assert stats["approx_kl"].item() == pytest.approx(sum(kl3) / 5)
     loss.backward()
-    # Clipped tokens get no gradient; unclipped ones get -A r / 5; padding gets exactly 0.
-    want_grad = _t([[-1.0, 0.0, 0.0], [1.5, -1.0, 0.0]]) / 5
+    # Clipped tokens get no gradient; unclipped ones get -A r / (4 * 2); padding gets exactly 0.
+    want_grad = _t([[-1.0, 0.0, 0.0], [1.5, -1.0, 0.0]]) / 8
     torch.testing.assert_close(logp.grad, want_grad)
 
 
@@ -154,9 +176,24 @@ def test_ppo_policy_loss_sequence_advantages_broadcast():
     gen = torch.Generator().manual_seed(0)
     logp, old = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
     adv = torch.tensor([0.7, -1.3])
-    per_seq = ppo_policy_loss(logp, old, adv, MASK, 0.2)
-    per_token = ppo_policy_loss(logp, old, adv.unsqueeze(1).expand(2, 3), MASK, 0.2)
+    per_seq = ppo_policy_loss(logp, old, adv, MASK, 0.2, 3)
+    per_token = ppo_policy_loss(logp, old, adv.unsqueeze(1).expand(2, 3), MASK, 0.2, 3)
     torch.testing.assert_close(per_seq, per_token)
+
+
+def test_ppo_policy_gradient_of_an_answer_ignores_other_answers_lengths():
+    """A token's gradient is -A / (answers * max_tokens) at ratio 1, whatever the length of the other answers
+    in the micro-batch (a token mean would divide by the micro-batch's token count)."""
+    adv = _t([1.0, -2.0])
+    grads = []
+    for other_length in (1, 6):
+        mask = torch.zeros(2, 6, dtype=torch.float64)
+        mask[0, :2], mask[1, :other_length] = 1.0, 1.0
+        logp = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+        ppo_policy_loss(logp, logp.detach(), adv, mask, 0.2, max_tokens=6)[0].backward()
+        grads.append(logp.grad[0, :2])
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], _t([-1.0, -1.0]) / (2 * 6))
 
 
 def test_value_loss_hand_case():
@@ -175,7 +212,41 @@ def test_value_loss_hand_case():
 
 def test_sft_nll_hand_case():
     logp = _t([[-1.0, -2.0, -3.0], [-4.0, -5.0, NAN]])
-    assert sft_nll(logp, MASK).item() == pytest.approx(15 / 5)
+    assert sft_nll(logp, MASK, max_tokens=3).item() == pytest.approx((6 / 3 + 9 / 3) / 2)
+
+
+def _expected_sft_loss(theta, max_tokens, micro_batch):
+    """Expected BoN-SFT loss when the data are two equally likely answers of 2 and 6 tokens, drawn
+    `micro_batch` at a time (every composition enumerated). The model picks the 2-token answer with
+    probability sigmoid(theta) at its first token; every later token is certain (log-prob 0)."""
+    first = torch.stack([F.logsigmoid(theta), F.logsigmoid(-theta)])
+    answers = [
+        torch.cat([first[0:1], torch.zeros(1, dtype=theta.dtype)]),
+        torch.cat([first[1:2], torch.zeros(5, dtype=theta.dtype)]),
+    ]
+    total = theta.new_zeros(())
+    for short_count in range(micro_batch + 1):
+        rows = [answers[0]] * short_count + [answers[1]] * (micro_batch - short_count)
+        logp = torch.zeros(micro_batch, 6, dtype=theta.dtype)
+        mask = torch.zeros_like(logp)
+        for i, row in enumerate(rows):
+            logp[i, : len(row)], mask[i, : len(row)] = row, 1.0
+        weight = math.comb(micro_batch, short_count) / 2**micro_batch
+        total = total + weight * sft_nll(logp, mask, max_tokens)
+    return total
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 3])
+def test_bon_sft_optimum_is_the_data_distribution_whatever_the_lengths(micro_batch):
+    """Two equally likely answers of 2 and 6 tokens: the expected loss is minimal at probability 1/2 each
+    (a token mean over the micro-batch put 0.75 on the short one at micro-batch 1). float64, exact."""
+    theta = torch.zeros((), dtype=torch.float64, requires_grad=True)  # sigmoid(0) = 1/2: the target
+    (grad,) = torch.autograd.grad(_expected_sft_loss(theta, 6, micro_batch), theta)
+    assert abs(grad.item()) < 1e-12
+    # and it is a minimum: the loss rises on both sides
+    at_target = _expected_sft_loss(theta.detach(), 6, micro_batch)
+    for step in (-0.1, 0.1):
+        assert _expected_sft_loss(theta.detach() + step, 6, micro_batch) > at_target
 
 
 def test_dpo_and_ipo_hand_case():
@@ -254,3 +325,19 @@ def test_bonbon_loss_mixes_summed_sft_and_ipo():
     got = bonbon_loss(*args, alpha=0.2, beta=0.25)
     assert got.item() == pytest.approx(0.2 * (1.0 + 3.0) / 2 + 0.8 * ipo.item())
     assert bonbon_loss(*args, alpha=0.0, beta=0.25).item() == pytest.approx(ipo.item())
+
+
+def test_default_bonbon_alpha_balances_the_two_gradients_at_the_start():
+    """At pi = pi_ref (margin 0) the default alpha gives the SFT and IPO terms gradients of about equal norm
+    for N = 8 when the best and worst answers' score functions are orthogonal, as measured on the demo
+    (benchmarks/RESULTS.md; docs/math.md section 5). Here: one categorical over 1000 answers, uniform."""
+    alpha, beta = AlgoConfig().bonbon_alpha, ipo_target_beta(8)
+    logits = torch.zeros(1000, dtype=torch.float64, requires_grad=True)
+    logp = logits.log_softmax(-1)
+    chosen, rejected = logp[:1], logp[1:2]
+    ref = (chosen.detach(), rejected.detach())
+    sft = bonbon_loss(chosen, rejected, *ref, alpha=1.0, beta=beta)  # alpha = 1: the SFT term alone
+    ipo = bonbon_loss(chosen, rejected, *ref, alpha=0.0, beta=beta)
+    (g_sft,) = torch.autograd.grad(alpha * sft, logits, retain_graph=True)
+    (g_ipo,) = torch.autograd.grad((1 - alpha) * ipo, logits)
+    assert 0.5 < g_sft.norm() / g_ipo.norm() < 2.0

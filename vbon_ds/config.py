@@ -144,16 +144,16 @@ class AlgoConfig:
     """GAE lambda."""
     whiten_advantages: bool = True
     """Normalise advantages to zero mean, unit variance over the batch."""
-    kl_estimator: str = choice("k1", "k1", "k2", "k3")
-    """Per-token KL estimator in the reward penalty (k1 = log pi - log pi_ref, as in the paper)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward penalty: k1 = log pi - log pi_ref only (k2, k3 bias gradients)."""
     old_logprobs: str = choice("auto", "auto", "sampling", "forward")
     """Actor log-probs of a rollout: recorded while sampling, or a forward; auto: sampling for fp32 actors."""
     dpo_beta: float = bounded(0.1, 0.0, open_low=True)
     """DPO's KL strength beta in -log sigmoid(beta * margin) (0.1 as in the DPO paper)."""
     ipo_beta: float | None = bounded(None, 0.0, open_low=True)
     """IPO and BoNBoN beta (margin target 1/(2 beta)); null: BoNBoN's 1/(2 (N-1) H_(N-1)) for N answers."""
-    bonbon_alpha: float = bounded(0.005, 0.0, 1.0)
-    """BoNBoN's weight of the SFT term (summed NLL of the best answer) against (1 - alpha) * IPO."""
+    bonbon_alpha: float = bounded(0.98, 0.0, 1.0)
+    """BoNBoN's SFT weight against (1 - alpha) * IPO; 0.98: equal gradient norms at start, N=8 (math.md)."""
 
 
 @dataclass
@@ -161,13 +161,13 @@ class GenerationConfig:
     max_new_tokens: int = bounded(50, 1)
     """Maximum response length in tokens."""
     min_new_tokens: int = bounded(0, 0)
-    """Minimum response length before EOS is allowed."""
+    """Minimum response length before EOS is allowed; must be 0 (log-probs are of the unmasked softmax)."""
     temperature: float = bounded(0.7, 0.0, open_low=True)
     """Rollout sampling temperature (the log-probs use the same temperature)."""
     top_p: float = bounded(1.0, 0.0, 1.0, open_low=True)
-    """Nucleus sampling mass; 1.0 disables it."""
+    """Nucleus sampling mass; must be 1.0 (off): log-probs, KL and BoN bounds assume the full softmax."""
     top_k: int = bounded(0, 0)
-    """Sample from the k most likely tokens; 0 disables it."""
+    """Sample from the k most likely tokens; must be 0 (off): log-probs assume the full softmax."""
     batch_size: int = bounded(16, 1)
     """Answers sampled per generate() call (rollouts, the reference cache and evaluation)."""
     gather_params: bool = True
@@ -461,10 +461,37 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return cfg
 
 
+UNTRUNCATED_SAMPLING = (
+    ("top_p", 1.0, "keeps only the nucleus"),
+    ("top_k", 0, "keeps only the top k tokens"),
+    ("min_new_tokens", 0, "masks EOS early"),
+)
+"""Sampling settings every pipeline needs at these values: (field, required value, what others do)."""
+
+
+def _check_untruncated_sampling(gen: GenerationConfig) -> None:
+    """Refuse a truncated sampling distribution: the recorder, the training forwards, the evaluation KL and
+    the reference cache's BoN KL bound all use log-probs of the full softmax(logits / temperature)."""
+    for name, required, effect in UNTRUNCATED_SAMPLING:
+        value = getattr(gen, name)
+        if value != required:
+            raise ConfigError(
+                f"generation.{name}: {value!r} {effect}, but every log-prob, KL and BoN bound is of the full "
+                f"softmax(logits / temperature), so they would describe a distribution that was not sampled; "
+                f"use {required!r} (and generation.temperature to sharpen sampling)"
+            )
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that involve more than one field."""
     if not cfg.train.output_dir.strip():
         raise ConfigError(EMPTY_OUTPUT_DIR)
+    if cfg.algo.kl_estimator != "k1":
+        raise ConfigError(
+            f"algo.kl_estimator: {cfg.algo.kl_estimator!r} is not allowed: as a per-token reward only k1's "
+            "policy gradient is the gradient of KL(pi || pi_ref) (docs/math.md section 4); use k1"
+        )
+    _check_untruncated_sampling(cfg.generation)
     if cfg.vbon.objective == "kl_rl" and cfg.vbon.beta is None:
         raise ConfigError("vbon.beta: the kl_rl objective needs an explicit KL coefficient (e.g. 0.05)")
     if cfg.algo.name == "rloo" and cfg.algo.samples_per_prompt < 2:
@@ -481,11 +508,6 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"reward.eval_function: {cfg.reward.eval_function!r} and reward.eval_model="
             f"{cfg.reward.eval_model!r} are both set; give at most one evaluation reward"
-        )
-    if cfg.generation.min_new_tokens > cfg.generation.max_new_tokens:
-        raise ConfigError(
-            f"generation.min_new_tokens: {cfg.generation.min_new_tokens} exceeds "
-            f"generation.max_new_tokens={cfg.generation.max_new_tokens}"
         )
     if len(cfg.train.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.adam_betas):
         raise ConfigError(f"train.adam_betas: expected two numbers in [0, 1), got {cfg.train.adam_betas}")

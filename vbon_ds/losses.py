@@ -4,13 +4,16 @@ Per-token tensors are [batch, response_len] with right-padded responses; `mask` 
 tensor of the same shape. Padded positions change nothing: inputs are selected out with `torch.where`
 before any arithmetic, never multiplied by 0, so NaN or inf garbage there cannot leak into a result or,
 through a backward pass, into a gradient.
+
+Policy losses are per answer: each answer's sum over its tokens, divided by a constant (the run's
+generation.max_new_tokens), averaged over answers. A mean over all tokens of a micro-batch would weigh an
+answer by its share of the micro-batch's tokens, which tilts the optimum towards short answers
+(docs/math.md section 4).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-KL_KINDS = ("k1", "k2", "k3")
 
 
 def _valid(mask: Tensor) -> Tensor:
@@ -47,20 +50,23 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return _zero_pad(whitened, mask)
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
-    """Per-token estimator of KL(pi || pi_ref) from log-probs of tokens sampled from pi (Schulman 2020).
+def answer_mean(x: Tensor, mask: Tensor, max_tokens: int) -> Tensor:
+    """Mean over answers (rows) of each answer's sum of `x` over its valid tokens, divided by `max_tokens`.
 
-    With log ratio l = logp - ref_logp: k1 = l (unbiased), k2 = l^2 / 2 (low variance, biased),
-    k3 = exp(-l) - 1 + l (unbiased and >= 0). Elementwise; mask the result downstream.
+    The divisor is a constant, not the answer's length or the micro-batch's token count, so the loss is an
+    unbiased per-answer objective (Dr. GRPO, Liu et al. 2025) whatever the lengths in the micro-batch.
     """
-    log_ratio = logp - ref_logp
-    if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+    return masked_sum(x, mask, dim=-1).mean() / max_tokens
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k1 estimate log pi - log pi_ref of KL(pi || pi_ref), from tokens sampled from pi.
+
+    Summed over an answer it is an unbiased estimate of the sequence KL, and as a reward its policy gradient
+    is the gradient of that KL. k2 and k3 (Schulman 2020) are not offered: as fixed rewards their policy
+    gradients are not grad KL (docs/math.md section 4). Elementwise; mask the result downstream.
+    """
+    return logp - ref_logp
 
 
 def last_token_mask(mask: Tensor) -> Tensor:
@@ -167,12 +173,14 @@ def ppo_advantages(
 
 
 def ppo_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float, max_tokens: int
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, averaged over valid tokens; returns (loss, stats).
+    """PPO clipped surrogate loss, summed over each answer's tokens / `max_tokens`, mean over answers
+    (`answer_mean`); returns (loss, stats).
 
-    `advantages` is per token [B, T] or per sequence [B] (broadcast over its tokens). Stats (detached):
-    `approx_kl` (k3 estimate of KL(old || new)) and `clip_frac` (share of tokens where the clip is active).
+    `advantages` is per token [B, T] or per sequence [B] (broadcast over its tokens). Stats (detached, token
+    means): `approx_kl` (k3 estimate of KL(old || new)) and `clip_frac` (share of tokens where the clip is
+    active).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -181,7 +189,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = answer_mean(torch.maximum(unclipped, clipped), mask, max_tokens)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
@@ -207,9 +215,12 @@ def value_loss(
     return loss, stats
 
 
-def sft_nll(logp: Tensor, mask: Tensor) -> Tensor:
-    """Supervised fine-tuning loss: mean negative log-likelihood over valid tokens."""
-    return masked_mean(-logp, mask)
+def sft_nll(logp: Tensor, mask: Tensor, max_tokens: int) -> Tensor:
+    """Supervised fine-tuning loss: each answer's negative log-likelihood / `max_tokens`, mean over answers.
+
+    Its optimum is the data distribution itself; a mean over tokens would favour short answers.
+    """
+    return answer_mean(-logp, mask, max_tokens)
 
 
 def pair_margin(

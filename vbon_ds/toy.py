@@ -162,13 +162,13 @@ def train_rl(world: ToyWorld, rewards: Tensor, betas: Tensor, sampled: bool, gen
             )
         logp = tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
         mask = torch.ones_like(logp)
-        kl = kl_penalty(logp.detach(), ref_tokens[ids].flatten(0, 1), "k1")
+        kl = kl_penalty(logp.detach(), ref_tokens[ids].flatten(0, 1))
         beta = betas.repeat_interleave(SAMPLES_PER_STEP).unsqueeze(-1)
         # The trainer's advantage function; unwhitened, since whitening would pool the R runs' scales.
         advantages = rloo_advantages(
             rewards.gather(1, ids).flatten(), kl, mask, beta, SAMPLES_PER_STEP, whiten_advantages=False
         )
-        return ppo_policy_loss(logp, logp.detach(), advantages, mask, CLIP_RANGE)[0]
+        return ppo_policy_loss(logp, logp.detach(), advantages, mask, CLIP_RANGE, world.sequences.shape[1])[0]
 
     if sampled:
         return _fit(init, sampled_loss, SAMPLED_LR, SAMPLED_STEPS)
@@ -181,7 +181,10 @@ def train_sft(world: ToyWorld, datasets: list[Tensor]) -> Tensor:
 
     def loss(logits: Tensor) -> Tensor:
         tokens = token_log_probs(logits, world)
-        return sum(sft_nll(tokens[i, ids], torch.ones_like(tokens[i, ids])) for i, ids in enumerate(datasets))
+        length = world.sequences.shape[1]
+        return sum(
+            sft_nll(tokens[i, ids], torch.ones_like(tokens[i, ids]), length) for i, ids in enumerate(datasets)
+        )
 
     return _fit(init, loss, EXACT_LR, EXACT_STEPS)
 

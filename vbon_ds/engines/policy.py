@@ -136,8 +136,11 @@ def sampling_config(
     pad_id: int,
 ) -> GenerationConfig:
     """Every setting that shapes the next-token distribution, from our settings only: tokens are drawn from
-    softmax(logits / temperature), restricted to the top-k / top-p set only when those are on, which is the
-    distribution every log-prob, KL and BoN formula assumes. Use it under `checkpoint_settings_ignored`."""
+    softmax(logits / temperature), restricted to the top-k / top-p set (and EOS masked before
+    min_new_tokens) only when those are on. Every log-prob, KL and BoN formula (the recorder, training
+    forwards, evaluation, the reference cache) is of the full softmax(logits / temperature), so they hold
+    only with top_p=1, top_k=0, min_new_tokens=0, which config loading enforces for every pipeline; other
+    values are for direct engine use (benchmarks) only. Use it under `checkpoint_settings_ignored`."""
     return GenerationConfig(
         do_sample=True,
         num_beams=1,

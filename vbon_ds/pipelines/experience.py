@@ -252,7 +252,7 @@ def advantages(
 ) -> Experience:
     """The algorithm's advantages (losses.ppo_advantages or losses.rloo_advantages) and the step's stats."""
     mask = batch.response_mask
-    kl = losses.kl_penalty(logps.actor, logps.reference, cfg.algo.kl_estimator)
+    kl = losses.kl_penalty(logps.actor, logps.reference)
     tensors = {"logprobs": logps.actor}
     if cfg.algo.name == "ppo":
         tensors["advantages"], tensors["returns"] = losses.ppo_advantages(
@@ -340,7 +340,12 @@ def ppo_micro_step(engines: Engines, cfg: ExperimentConfig) -> MicroStep:
             rows.sequences, rows.attention_mask, rows.prompt_length, cfg.generation.temperature
         )
         loss, pg_stats = losses.ppo_policy_loss(
-            new_logp, t["logprobs"], t["advantages"], rows.response_mask, cfg.algo.clip_range
+            new_logp,
+            t["logprobs"],
+            t["advantages"],
+            rows.response_mask,
+            cfg.algo.clip_range,
+            cfg.generation.max_new_tokens,
         )
         ok = backward_and_step(engines.actor, loss, new_logp)
         stats = {

@@ -163,14 +163,13 @@ def offline_micro_step(engines: Engines, cfg: ExperimentConfig) -> MicroStep:
     def step(micro: Experience) -> tuple[dict[str, float], bool]:
         chosen_tokens, chosen = sequence_logp("chosen", micro)
         ref_chosen = micro.tensors["ref_chosen"]
+        chosen_mask = micro.batches["chosen"].response_mask
         stats = {
-            "train/chosen_nll": losses.sft_nll(
-                chosen_tokens.detach(), micro.batches["chosen"].response_mask
-            ).item(),
+            "train/chosen_nll": losses.masked_mean(-chosen_tokens.detach(), chosen_mask).item(),
             "train/chosen_log_ratio": (chosen.detach() - ref_chosen).mean().item(),
         }
         if algo.name == "bon_sft":
-            loss = losses.sft_nll(chosen_tokens, micro.batches["chosen"].response_mask)
+            loss = losses.sft_nll(chosen_tokens, chosen_mask, cfg.generation.max_new_tokens)
         else:
             _, rejected = sequence_logp("rejected", micro)
             ref_rejected = micro.tensors["ref_rejected"]

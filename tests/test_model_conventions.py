@@ -12,16 +12,17 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaForCausalLM
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
 from vbon_ds.data import DEMO_PROMPTS
-from vbon_ds.engines import distributed
+from vbon_ds.engines import builders, distributed
 from vbon_ds.engines.builders import build_actor, load_policy_tokenizer, switch_off_dropout
 from vbon_ds.engines.lm_head import logit_scale
+from vbon_ds.errors import VbonError
 from vbon_ds.pipelines.train import Trainer
-from vbon_ds.tiny import make_tiny_causal_lm, tiny_config
+from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_tokenizer, tiny_config
 
 DROPOUT_MODELS = {
     "opt": ("opt", {"dropout": 0.3, "attention_dropout": 0.3, "layerdrop": 0.3}),
@@ -31,6 +32,7 @@ DROPOUT_MODELS = {
 SCALED_MODELS = {
     "granite": ("granite", {"logits_scaling": 8.0}),  # logits = head / 8
     "cohere": ("cohere", {"logit_scale": 0.3}),  # logits = head x 0.3
+    "falcon_h1": ("falcon_h1", {"lm_head_multiplier": 0.3}),  # logits = head x 0.3
 }
 
 
@@ -124,7 +126,7 @@ def test_fused_logprobs_are_log_softmax_of_the_models_own_logits(world_of_one, t
     torch.testing.assert_close(fused.double(), token_logp, atol=1e-5, rtol=1e-5)
     want_entropy = -(want.exp() * want).sum(-1) * rollout.response_mask
     torch.testing.assert_close(entropy.double(), want_entropy, atol=1e-5, rtol=1e-5)
-    expected_scale = {"granite": 1 / 8, "cohere": 0.3}.get(name, 1.0)
+    expected_scale = {"granite": 1 / 8, "cohere": 0.3, "falcon_h1": 0.3}.get(name, 1.0)
     assert actor.logit_scale == pytest.approx(expected_scale, rel=1e-6)
 
 
@@ -136,3 +138,39 @@ def test_logits_that_are_no_multiple_of_the_head_output_are_refused():
     for logits in (capped, head + 1.0, -head, head[..., :30]):
         with pytest.raises(ValueError, match=r"model type 'gemma2'.*not a fixed positive multiple"):
             logit_scale(logits, head, "gemma2")
+
+
+def test_randomness_left_in_a_training_forward_is_refused(world_of_one, tmp_path, monkeypatch):
+    # As if the OPT's dropout were driven by a setting switch_off_dropout does not know.
+    monkeypatch.setattr(builders, "switch_off_dropout", lambda model: [])
+    arch, overrides = DROPOUT_MODELS["opt"]
+    cfg = _config(tmp_path, _tiny_model(tmp_path, arch, overrides))
+    with pytest.raises(VbonError, match=r"actor \(opt\): two training-mode forwards .* differ"):
+        build_actor(cfg, batch_sizes(cfg, 1), load_policy_tokenizer(cfg))
+
+
+def test_logits_changed_after_the_head_are_refused_by_model_type(world_of_one, tmp_path, monkeypatch):
+    cfg = _config(tmp_path, _tiny_model(tmp_path, "llama", {}))
+    forward = LlamaForCausalLM.forward
+
+    def soft_capped(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = torch.tanh(out.logits)
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", soft_capped)
+    with pytest.raises(VbonError, match=r"model type 'llama': its logits are not a fixed positive multiple"):
+        build_actor(cfg, batch_sizes(cfg, 1), load_policy_tokenizer(cfg), trainable=False)
+
+
+def test_a_soft_capping_config_is_refused(world_of_one, tmp_path):
+    config = Gemma2Config(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, final_logit_softcapping=30.0,
+    )  # fmt: skip
+    model_dir = tmp_path / "gemma2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    make_tiny_tokenizer(model_dir)
+    cfg = _config(tmp_path, model_dir)
+    with pytest.raises(VbonError, match=r"Gemma2ForCausalLM soft-caps its logits"):
+        build_actor(cfg, batch_sizes(cfg, 1), load_policy_tokenizer(cfg), trainable=False)

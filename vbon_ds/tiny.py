@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     CohereConfig,
+    FalconH1Config,
     GPT2Config,
     GPTNeoXConfig,
     GraniteConfig,
@@ -133,8 +134,8 @@ def _model_vocab(tok: PreTrainedTokenizerFast, tokenizer: str) -> int:
 def tiny_config(
     arch: str, vocab_size: int, eos_id: int, n_layer: int = 2, width: int = 32
 ) -> PretrainedConfig:
-    """A GPT-2, LLaMA, GPT-NeoX (Pythia), OPT, Granite or Cohere config of `n_layer` layers and `width`
-    channels."""
+    """A GPT-2, LLaMA, GPT-NeoX (Pythia), OPT, Granite, Cohere or Falcon-H1 config of `n_layer` layers and
+    `width` channels."""
     if arch == "gpt_neox":  # Pythia's layout: parallel residual, rotary on a quarter of each head, no pad
         return GPTNeoXConfig(
             vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=n_layer,
@@ -160,7 +161,16 @@ def tiny_config(
             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=width,
             bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         )  # fmt: skip
-    raise ValueError(f"unknown tiny arch {arch!r} (allowed: gpt2, llama, gpt_neox, opt, granite, cohere)")
+    if arch == "falcon_h1":  # attention and Mamba-2 mixers side by side; logits x lm_head_multiplier
+        return FalconH1Config(
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=n_layer,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, mamba_d_ssm=width,
+            mamba_n_heads=4, mamba_d_head=width // 4, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
+            max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )  # fmt: skip
+    allowed = "gpt2, llama, gpt_neox, opt, granite, cohere, falcon_h1"
+    raise ValueError(f"unknown tiny arch {arch!r} (allowed: {allowed})")
 
 
 def make_tiny_causal_lm(

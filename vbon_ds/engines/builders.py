@@ -76,7 +76,7 @@ _RANDOM_IN_TRAINING = re.compile(r"drop|jitter", re.IGNORECASE)
 
 
 def _is_randomness_setting(name: str, value: object) -> bool:
-    return type(value) in (int, float) and bool(_RANDOM_IN_TRAINING.search(name))  # bool is no number here
+    return type(value) is float and bool(_RANDOM_IN_TRAINING.search(name))  # not counters, flags or None
 
 
 def _configs(model: torch.nn.Module) -> list[PretrainedConfig]:

@@ -23,7 +23,10 @@ def fusable_lm_head(model: nn.Module) -> nn.Module:
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}'s lm head has a bias; the fused log-prob path has none")
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__} soft-caps its logits; the fused log-prob path does not")
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its logits (config.final_logit_softcapping), which the fused "
+            "log-prob path does not reproduce; use a model without logit soft-capping"
+        )
     return head
 
 

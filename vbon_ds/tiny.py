@@ -20,9 +20,13 @@ from tokenizers import AddedToken, ByteLevelBPETokenizer, Tokenizer, decoders, m
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    CohereConfig,
+    FalconH1Config,
     GPT2Config,
     GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
+    OPTConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
 )
@@ -130,7 +134,8 @@ def _model_vocab(tok: PreTrainedTokenizerFast, tokenizer: str) -> int:
 def tiny_config(
     arch: str, vocab_size: int, eos_id: int, n_layer: int = 2, width: int = 32
 ) -> PretrainedConfig:
-    """A GPT-2, LLaMA or GPT-NeoX (Pythia) config of `n_layer` layers and `width` channels."""
+    """A GPT-2, LLaMA, GPT-NeoX (Pythia), OPT, Granite, Cohere or Falcon-H1 config of `n_layer` layers and
+    `width` channels."""
     if arch == "gpt_neox":  # Pythia's layout: parallel residual, rotary on a quarter of each head, no pad
         return GPTNeoXConfig(
             vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=n_layer,
@@ -142,13 +147,30 @@ def tiny_config(
             vocab_size=vocab_size, n_positions=128, n_embd=width, n_layer=n_layer, n_head=4,
             bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         )  # fmt: skip
-    if arch == "llama":
-        return LlamaConfig(
+    # Granite and Cohere: LLaMA's layout with the logits divided by logits_scaling / times logit_scale.
+    llama_like = {"llama": LlamaConfig, "granite": GraniteConfig, "cohere": CohereConfig}
+    if arch in llama_like:
+        return llama_like[arch](
             vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=n_layer,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         )  # fmt: skip
-    raise ValueError(f"unknown tiny arch {arch!r} (allowed: gpt2, llama, gpt_neox)")
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=vocab_size, hidden_size=width, ffn_dim=4 * width, num_hidden_layers=n_layer,
+            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=width,
+            bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        )  # fmt: skip
+    if arch == "falcon_h1":  # attention and Mamba-2 mixers side by side; logits x lm_head_multiplier
+        return FalconH1Config(
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=n_layer,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, mamba_d_ssm=width,
+            mamba_n_heads=4, mamba_d_head=width // 4, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
+            max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )  # fmt: skip
+    allowed = "gpt2, llama, gpt_neox, opt, granite, cohere, falcon_h1"
+    raise ValueError(f"unknown tiny arch {arch!r} (allowed: {allowed})")
 
 
 def make_tiny_causal_lm(
@@ -161,13 +183,15 @@ def make_tiny_causal_lm(
     vocab_size: int = 300,
     corpus: Sequence[str] = SENTENCES,
     tokenizer: str = "tiny",
+    config_overrides: dict[str, object] | None = None,
 ) -> Path:
     """A random causal LM and its tokenizer (`tiny`: trained on `corpus`; `gpt2`: GPT-2's) saved as
-    safetensors; returns the dir."""
+    safetensors, its config changed by `config_overrides` (e.g. {"dropout": 0.3}); returns the dir."""
     out_dir = Path(out_dir)
     tok = _make_tokenizer(out_dir, tokenizer, vocab_size, corpus)
     torch.manual_seed(seed)
     config = tiny_config(arch, _model_vocab(tok, tokenizer), tok.eos_token_id, n_layer, width)
+    config.update(config_overrides or {})
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out_dir))
     return out_dir
 

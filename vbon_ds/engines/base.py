@@ -20,6 +20,24 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def probe_batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids 1..8 in one row and its attention mask: valid in every vocabulary and the same on every
+    rank (a ZeRO-3 forward is a collective), for the engines' start-up checks."""
+    ids = torch.arange(1, 9, device=device)[None]
+    return ids, torch.ones_like(ids)
+
+
+def require_repeatable(first: torch.Tensor, second: torch.Tensor, what: str) -> None:
+    """Two training-mode forwards of one batch must agree: PPO's ratio and value clipping compare a
+    training forward with an earlier one, so any randomness left in it (a dropout builders.switch_off_dropout
+    did not find) biases them. The tolerance admits non-deterministic GPU reductions, not dropout."""
+    if not torch.allclose(first.float(), second.float(), rtol=1e-3, atol=1e-3 * first.abs().max().item()):
+        raise VbonError(
+            f"{what}: two training-mode forwards of the same tokens differ (a dropout or other randomness "
+            "that vbon could not switch off); set it to 0 in the model's config.json"
+        )
+
+
 def _own_parameter_memory(module: torch.nn.Module) -> None:
     """Copy CPU parameters into memory of their own. transformers leaves them in the memory-mapped checkpoint
     file, at offsets that are not 64-byte aligned, and CPU matmuls on them ran 2-6x slower (SmolLM2-135M:

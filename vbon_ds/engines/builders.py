@@ -14,7 +14,8 @@ Frozen engines are ZeRO-3 (from the zero3 template when deepspeed.config is a lo
 runs every engine at stage 0 unless something is offloaded (ds_config.py).
 Trainable models train the weights model.trainable_layers / model.lora_rank choose (vbon_ds/adapters.py).
 Each model loads while its `HfDeepSpeedConfig` is alive, so under ZeRO-3 transformers initialises and loads
-it partitioned. Dropout is switched off everywhere: PPO compares log-probs of the same tokens across passes.
+it partitioned. Dropout is switched off everywhere (`switch_off_dropout`): PPO compares log-probs of the same
+tokens across passes, so a training forward must compute what sampling and the no-grad forwards computed.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from vbon_ds.adapters import apply_trainable_subset
 from vbon_ds.batching import BatchSizes
@@ -65,6 +67,51 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 def optimizer_steps(cfg: ExperimentConfig) -> int:
     """Optimizer steps in the whole run: one per minibatch per epoch per training step."""
     return cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.num_minibatches
+
+
+# Config fields and module attributes that make a forward random in training mode: dropout probabilities
+# (dropout, attention_dropout, hidden_dropout, resid_pdrop, attn_pdrop, layerdrop, drop_path_rate, ...) and
+# MoE router jitter noise.
+_RANDOM_IN_TRAINING = re.compile(r"drop|jitter", re.IGNORECASE)
+
+
+def _is_randomness_setting(name: str, value: object) -> bool:
+    return type(value) is float and bool(_RANDOM_IN_TRAINING.search(name))  # not counters, flags or None
+
+
+def _configs(model: torch.nn.Module) -> list[PretrainedConfig]:
+    """Every config object the model's modules hold, nested sub-configs included (e.g. a text_config)."""
+    found: dict[int, PretrainedConfig] = {}
+    pending = [getattr(module, "config", None) for module in model.modules()]
+    while pending:
+        config = pending.pop()
+        if isinstance(config, PretrainedConfig) and id(config) not in found:
+            found[id(config)] = config
+            pending.extend(vars(config).values())
+    return list(found.values())
+
+
+def switch_off_dropout(model: torch.nn.Module) -> list[str]:
+    """Make `model`'s training-mode forward deterministic; returns the config fields that were not 0.
+
+    Zeroes every dropout-like config field (read by forwards that call the functional dropout, as OPT's and
+    the attention functions of LLaMA, Qwen2 or GPT-NeoX do), the module attributes copied from them at
+    build time, and the p of every dropout module (GPT-2's, LoRA's).
+    """
+    nonzero = []
+    for config in _configs(model):
+        for name, value in vars(config).items():
+            if _is_randomness_setting(name, value):
+                if value:
+                    nonzero.append(f"{config.model_type or type(config).__name__}.{name}={value}")
+                setattr(config, name, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if _is_randomness_setting(name, value):
+                setattr(module, name, 0.0)
+    return nonzero
 
 
 def _accelerator() -> tuple[bool, bool]:
@@ -115,12 +162,12 @@ def _initialize(
     )
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # must exist before from_pretrained to partition at load
     model = load(dtype=getattr(torch, precision(cfg, *_accelerator())))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
     scheduler = None
     # A frozen actor (evaluation) gets the adapters too, so a LoRA checkpoint's weights load by name.
     apply_trainable_subset(model, cfg.model, cfg.train.seed, lora=lora)
+    switched_off = switch_off_dropout(model)  # after the adapters: theirs too
+    if switched_off:
+        log.info("%s: dropout switched off (%s)", path, ", ".join(switched_off))
     if trainable:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from vbon_ds.engines.base import DeepSpeedModel, position_ids
+from vbon_ds.engines import distributed
+from vbon_ds.engines.base import DeepSpeedModel, position_ids, probe_batch, require_repeatable
 from vbon_ds.errors import VbonError
 
 
@@ -44,6 +45,14 @@ def token_scores(
 
 class CriticEngine(DeepSpeedModel):
     """A trainable `TokenValueModel` engine."""
+
+    def __init__(self, ds_engine: object, hf_ds_config: object, *, trainable: bool) -> None:
+        super().__init__(ds_engine, hf_ds_config, trainable=trainable)
+        if trainable:  # value clipping compares a training forward with the rollout's values
+            ids, mask = probe_batch(distributed.device())
+            with torch.no_grad():
+                first, second = [self.ds(ids, mask) for _ in range(2)]
+            require_repeatable(first, second, "critic")
 
     def values(
         self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int

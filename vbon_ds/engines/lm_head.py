@@ -3,12 +3,14 @@
 `PolicyEngine` runs the fused kernel inside the head's own forward, so ZeRO-3's hooks gather the weight for
 forward and backward by themselves. For a loop of your own over a raw model: `hidden =
 final_hidden_states(model, ids, mask)` first, then inside `with gathered_lm_head(model) as weight:` both
-`linear_token_logprobs(hidden, weight, response_ids)` and the backward pass.
+`linear_token_logprobs(hidden, weight, response_ids, temperature / scale)` and the backward pass, where
+`scale` is the model's `logit_scale` (1 for most models; `PolicyEngine.logit_scale` measures it).
 """
 
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 
@@ -21,8 +23,37 @@ def fusable_lm_head(model: nn.Module) -> nn.Module:
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}'s lm head has a bias; the fused log-prob path has none")
     if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__} soft-caps its logits; the fused log-prob path does not")
+        raise ValueError(
+            f"{type(model).__name__} soft-caps its logits (config.final_logit_softcapping), which the fused "
+            "log-prob path does not reproduce; use a model without logit soft-capping"
+        )
     return head
+
+
+def logit_scale(logits: Tensor, head_output: Tensor, model_type: str) -> float:
+    """The s > 0 with `logits` == s x `head_output`: what a model multiplies its lm head's output by before
+    returning it as logits (1 for most; Granite's 1 / logits_scaling, Cohere's logit_scale, Falcon-H1's
+    lm_head_multiplier), measured on the model's own outputs for one batch by least squares.
+
+    The fused path then computes log_softmax(s x hidden @ weight.T / temperature), the model's own
+    distribution. Raises ValueError naming `model_type` when the logits are no such multiple (soft-capping,
+    a bias, a shift): the fused path could not reproduce them.
+    """
+    refusal = (
+        f"model type {model_type!r}: its logits are not a fixed positive multiple of its lm head's output "
+        "(soft-capped, shifted or reshaped after the head), which the fused log-prob path cannot reproduce; "
+        "use a model whose logits are its lm head's output times a constant"
+    )
+    if logits.shape != head_output.shape:
+        raise ValueError(refusal)
+    model, head = logits.double(), head_output.double()
+    norm = (head * head).sum()
+    scale = float((model * head).sum() / norm) if norm > 0 else 1.0
+    # Each logit is the head's output times s, rounded once to the coarser of the two dtypes.
+    eps = max(torch.finfo(logits.dtype).eps, torch.finfo(head_output.dtype).eps)
+    if not scale > 0 or (model - scale * head).abs().max() > 4 * eps * model.abs().max():
+        raise ValueError(refusal)
+    return scale
 
 
 @contextlib.contextmanager

@@ -25,8 +25,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
 
 from vbon_ds.engines import distributed
-from vbon_ds.engines.base import DeepSpeedModel, position_ids
-from vbon_ds.engines.lm_head import fusable_lm_head
+from vbon_ds.engines.base import DeepSpeedModel, position_ids, probe_batch, require_repeatable
+from vbon_ds.engines.lm_head import fusable_lm_head, logit_scale
 from vbon_ds.errors import VbonError
 
 
@@ -189,10 +189,28 @@ def checkpoint_settings_ignored(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _head_outputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect what the output-embedding module returns during the block, as the model's forward sees it.
+
+    The hook is registered after DeepSpeed's, so under ZeRO-3 a collected tensor carries its backward hook
+    (which gathers the head's weight again for the backward pass). Whatever the model does to the head's
+    output afterwards (Granite divides it by logits_scaling, Cohere multiplies it by logit_scale) is not in
+    it.
+    """
+    outputs: list[torch.Tensor] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        yield outputs
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
 def _lm_head_returns_logprobs(
     model: torch.nn.Module, labels: torch.Tensor, temperature: float, return_entropy: bool
-) -> Iterator[None]:
-    """Make the output-embedding module return token log-probs of `labels` (fused) instead of logits.
+) -> Iterator[list[torch.Tensor]]:
+    """Make the output-embedding module return token log-probs of `labels` (fused) instead of logits, under
+    softmax(hidden @ weight.T / temperature); yields the list that receives the head's output.
 
     The fused kernel runs inside the head's own forward, so ZeRO-3's module hooks gather its partitioned
     weight for the forward and gather it again for the backward (which runs long after this call returns);
@@ -209,7 +227,8 @@ def _lm_head_returns_logprobs(
 
     head.forward = forward
     try:
-        yield
+        with _head_outputs(model) as outputs:
+            yield outputs
     finally:
         del head.forward
 
@@ -225,8 +244,38 @@ class PolicyEngine(DeepSpeedModel):
             fusable_lm_head(self.module)
         except ValueError as err:
             raise VbonError(str(err)) from None
+        self.logit_scale = self._measured_logit_scale()
+        """s: the model's logits are s x its lm head's output (1 for most models), measured at start-up."""
         self.eos_ids = eos_ids
         self.pad_id = pad_id
+
+    def _measured_logit_scale(self) -> float:
+        """`lm_head.logit_scale` on one probe batch; a trainable engine also checks that its training-mode
+        forward is repeatable."""
+        model_type = getattr(self.module.config, "model_type", type(self.module).__name__)
+        ids, mask = probe_batch(distributed.device())
+        logits, head_output = self._logits_and_head_output(ids, mask, model_type)
+        if self.trainable:
+            again, _ = self._logits_and_head_output(ids, mask, model_type)
+            require_repeatable(logits, again, f"actor ({model_type})")
+        try:
+            return logit_scale(logits, head_output, model_type)
+        except ValueError as err:
+            raise VbonError(str(err)) from None
+
+    @torch.no_grad()
+    def _logits_and_head_output(
+        self, ids: torch.Tensor, mask: torch.Tensor, model_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits for one batch and its lm head's output in the same forward (a collective)."""
+        with _head_outputs(self.module) as outputs:
+            logits = self.ds(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        if len(outputs) != 1:
+            raise VbonError(
+                f"model type {model_type!r}: its lm head ran {len(outputs)} times in one forward; the fused "
+                "log-prob path needs a model that computes its logits with one call of its lm head"
+            )
+        return logits, outputs[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -304,7 +353,8 @@ class PolicyEngine(DeepSpeedModel):
         return_entropy: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[B, R] float32 log-probs of the response tokens under softmax(logits / temperature) (and the
-        per-token entropy with `return_entropy`), 0 where the response mask is 0.
+        per-token entropy with `return_entropy`), 0 where the response mask is 0; logits as the model returns
+        them (its lm head's output times `logit_scale`).
 
         Only response positions go through the output layer, fused with the log-softmax: no [B, T, V] logits.
         Differentiable when the engine is trainable and grad is enabled.
@@ -313,15 +363,18 @@ class PolicyEngine(DeepSpeedModel):
         labels = sequences[:, prompt_length:].masked_fill(response_mask == 0, -100)
         # Hidden state t predicts token t + 1: positions P-1 .. T-2 predict the response tokens.
         keep = torch.arange(prompt_length - 1, sequences.shape[1] - 1, device=sequences.device)
-        with _lm_head_returns_logprobs(self.module, labels, temperature, return_entropy):
-            # The patched head returns log-probs; Hugging Face hands them back in its `logits` field.
-            logprobs = self.ds(
+        # softmax(s x head / T) = softmax(head / (T / s)): the model's scale joins the kernel's temperature.
+        head_temperature = temperature / self.logit_scale
+        with _lm_head_returns_logprobs(self.module, labels, head_temperature, return_entropy) as outputs:
+            self.ds(
                 input_ids=sequences,
                 attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask),
                 logits_to_keep=keep,
                 use_cache=False,
-            ).logits
+            )
+        # The head's own output: the model's `logits` field holds it after the model's rescaling.
+        (logprobs,) = outputs
         if not return_entropy:
             return logprobs
         return logprobs[..., 0], logprobs[..., 1] * response_mask

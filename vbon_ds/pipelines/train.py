@@ -141,8 +141,8 @@ class Trainer:
         replaced = []
         if earlier:
             replaced.append(
-                f"its checkpoints {', '.join(earlier)} are replaced as this run saves (a step it saves "
-                f"replaces the old one of that number; the newest train.keep_checkpoints="
+                f"its earlier checkpoints ({', '.join(earlier)}) go as this run saves (a step it saves "
+                f"replaces the old one of that number, and only the newest train.keep_checkpoints="
                 f"{self.cfg.train.keep_checkpoints} are kept)"
             )
         if final.exists():

@@ -311,6 +311,27 @@ def test_checkpoints_without_the_record_are_checked_by_their_saved_config(capsys
     assert recorded_settings({SETTINGS_KEY: {"model.actor": "x"}}, "c") == {"model.actor": "x"}
 
 
+def test_a_verified_checkpoint_deepspeed_cannot_load_is_kept_not_called_broken(tmp_path):
+    step_dir = save(tmp_path, 1)
+    (step_dir / "actor").mkdir()
+
+    def load_checkpoint_fails(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for GPT2LMHeadModel:\n\tsize mismatch")
+
+    engine = type(
+        "Engine", (), {"ds": type("DS", (), {"load_checkpoint": staticmethod(load_checkpoint_fails)})}
+    )
+    with pytest.raises(VbonError) as err:
+        load_checkpoint(tmp_path, {"actor": engine})
+    message = str(err.value)
+    assert (
+        "matches its manifest, yet DeepSpeed could not load it" in message
+        and "Error(s) in loading" in message
+    )
+    assert "it is kept" in message and "remove" not in message
+    assert verify_checkpoint(step_dir) is None
+
+
 # ---------------------------------------------------------------- no code runs when a checkpoint loads
 
 

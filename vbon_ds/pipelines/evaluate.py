@@ -417,7 +417,8 @@ def _run_policy(cfg: ExperimentConfig, run_dir: Path, checkpoint: Path | None, l
         return Policy(label, run=str(run_dir), steps=0)
     state = distributed.from_main(lambda: read_trainer_state(checkpoint))
     where = f"--runs {run_dir}"
-    check_resume_compatible(recorded_settings(state, where), weights_settings(cfg), where, training=False)
+    recorded = distributed.from_main(lambda: recorded_settings(state, where))  # warns once for old ones
+    check_resume_compatible(recorded, weights_settings(cfg), where, training=False)
     setting = run_setting(state["config"]) if "config" in state else ""
     return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
 

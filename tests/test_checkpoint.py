@@ -261,6 +261,7 @@ def test_a_changed_weights_setting_is_named_with_both_values_and_no_advice_to_de
         ("model.lora_alpha=64", "model.lora_alpha: checkpoint 16.0, now 64.0"),
         ("model.lora_target_modules=c_attn", "model.lora_target_modules: checkpoint [], now ['c_attn']"),
         ("model.trainable_layers=1", "model.trainable_layers: checkpoint 0, now 1"),
+        ("model.dtype=bfloat16", "model.dtype: checkpoint 'float32', now 'bfloat16'"),
         ("model.actor=other/model", "model.actor: checkpoint 'gpt2', now 'other/model'"),
         (
             "algo.name=dpo",

@@ -15,8 +15,9 @@ setup(
     package_data={"vbon_ds": ["resources/*", "resources/**/*"]},
     include_package_data=True,
     install_requires=[
-        # torch is installed first by launch/setup_env.sh (pinned CPU build on CPU machines).
-        "torch>=2.3",
+        # torch is installed first by launch/setup_env.sh (pinned CPU build on CPU machines); 2.5 brought
+        # torch.serialization.safe_globals, which checkpoints are read with.
+        "torch>=2.5",
         # deepspeed.runtime.zero.stage3.unwrap_model_for_generation (gather once per generate) came in 0.14.4.
         "deepspeed>=0.15",
         # from_pretrained(dtype=...): before 4.56 the keyword was torch_dtype, and `dtype` was ignored.

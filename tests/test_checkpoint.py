@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from vbon_ds.config import config_to_dict, load_config
 from vbon_ds.engines.checkpoint import (
     KILLED_EXIT_CODE,
     MANIFEST,
     SAVE_STAGES,
     TRAINER_STATE,
+    _manifest,
     latest_checkpoint,
     load_checkpoint,
     resume_checkpoint,
@@ -32,6 +35,14 @@ from vbon_ds.engines.checkpoint import (
     step_dirs,
     verify_checkpoint,
 )
+from vbon_ds.engines.run_settings import (
+    CONTENT,
+    SETTINGS_KEY,
+    check_resume_compatible,
+    recorded_settings,
+    weights_settings,
+)
+from vbon_ds.engines.weights import load_trained_weights
 from vbon_ds.errors import VbonError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,3 +243,149 @@ def test_train_reruns_a_finished_run_as_a_no_op_and_resumes_past_a_broken_latest
         and latest_checkpoint(root) == root / "step_00000003"
     )
     assert all(verify_checkpoint(d) is None for d in step_dirs(root))
+
+
+# ---------------------------------------------------------------- weights settings
+
+
+def settings(*overrides: str) -> dict:
+    return weights_settings(load_config(None, ["model.actor=gpt2", *overrides]))
+
+
+def test_a_changed_weights_setting_is_named_with_both_values_and_no_advice_to_delete():
+    recorded = settings("model.lora_rank=4")
+    check_resume_compatible(recorded, settings("model.lora_rank=4"), "checkpoint c")  # the same: accepted
+    for override, named in [
+        ("model.lora_rank=8", "model.lora_rank: checkpoint 4, now 8"),
+        ("model.lora_rank=0", "model.lora_rank: checkpoint 4, now 0"),
+        ("model.lora_alpha=64", "model.lora_alpha: checkpoint 16.0, now 64.0"),
+        ("model.lora_target_modules=c_attn", "model.lora_target_modules: checkpoint [], now ['c_attn']"),
+        ("model.trainable_layers=1", "model.trainable_layers: checkpoint 0, now 1"),
+        ("model.dtype=bfloat16", "model.dtype: checkpoint 'float32', now 'bfloat16'"),
+        ("model.actor=other/model", "model.actor: checkpoint 'gpt2', now 'other/model'"),
+        (
+            "algo.name=dpo",
+            "critic (algo.name=ppo, model.critic_init): checkpoint 'from the reward', now 'none'",
+        ),
+    ]:
+        with pytest.raises(VbonError) as err:
+            check_resume_compatible(recorded, settings("model.lora_rank=4", override), "checkpoint c")
+        message = str(err.value)
+        assert message.startswith("checkpoint c was trained with other weights settings") and named in message
+        assert "new train.output_dir" in message and "remove" not in message
+
+
+def test_evaluation_refuses_what_changes_the_weights_meaning_only():
+    recorded = settings("model.lora_rank=4")
+    # The optimizer layout does not change the saved weights: evaluation accepts it.
+    check_resume_compatible(recorded, settings("model.lora_rank=4", "model.trainable_layers=1"), "r", False)
+    with pytest.raises(VbonError, match=r"model\.lora_alpha: checkpoint 16\.0, now 64\.0.*trained with"):
+        check_resume_compatible(recorded, settings("model.lora_rank=4", "model.lora_alpha=64"), "r", False)
+
+
+def test_overwritten_actor_weights_change_the_content_id(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = {"w": torch.zeros(1000, 100)}
+    save_file(weights, str(model / "model.safetensors"))
+    before = settings(f"model.actor={model}")
+    assert before[CONTENT] == settings(f"model.actor={model}")[CONTENT]
+    weights["w"][-1, -1] = 1.0  # the last value only: same size, same header
+    save_file(weights, str(model / "model.safetensors"))
+    with pytest.raises(
+        VbonError, match=r"model\.actor content: checkpoint '[0-9a-f]{64}', now '[0-9a-f]{64}'"
+    ):
+        check_resume_compatible(before, settings(f"model.actor={model}"), "checkpoint c")
+
+
+def test_checkpoints_without_the_record_are_checked_by_their_saved_config(capsys):
+    old_cfg = load_config(None, ["model.actor=gpt2", "model.lora_rank=4"])
+    recorded = recorded_settings({"step": 3, "config": config_to_dict(old_cfg)}, "checkpoint c")
+    assert "checkpoint c records no weights settings" in capsys.readouterr().err
+    check_resume_compatible(recorded, settings("model.lora_rank=4"), "checkpoint c")
+    with pytest.raises(VbonError, match=r"model\.lora_alpha: checkpoint 16\.0, now 2\.0"):
+        check_resume_compatible(recorded, settings("model.lora_rank=4", "model.lora_alpha=2"), "checkpoint c")
+    assert (
+        recorded_settings({"step": 3}, "checkpoint c") == {}
+    )  # nothing to compare: accepted, with a warning
+    assert "nothing is compared" in capsys.readouterr().err
+    assert recorded_settings({SETTINGS_KEY: {"model.actor": "x"}}, "c") == {"model.actor": "x"}
+
+
+def test_a_verified_checkpoint_deepspeed_cannot_load_is_kept_not_called_broken(tmp_path):
+    step_dir = save(tmp_path, 1)
+    (step_dir / "actor").mkdir()
+
+    def load_checkpoint_fails(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for GPT2LMHeadModel:\n\tsize mismatch")
+
+    engine = type(
+        "Engine", (), {"ds": type("DS", (), {"load_checkpoint": staticmethod(load_checkpoint_fails)})}
+    )
+    with pytest.raises(VbonError) as err:
+        load_checkpoint(tmp_path, {"actor": engine})
+    message = str(err.value)
+    assert (
+        "matches its manifest, yet DeepSpeed could not load it" in message
+        and "Error(s) in loading" in message
+    )
+    assert "it is kept" in message and "remove" not in message
+    assert verify_checkpoint(step_dir) is None
+
+
+# ---------------------------------------------------------------- no code runs when a checkpoint loads
+
+
+class WritesAFile:
+    """A pickled object that creates a file when unpickled (what a hostile checkpoint could do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["mp_rank_00_model_states.pt"],  # stages 0 to 2: the module whole
+        ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"],  # ZeRO-3
+    ],
+)
+def test_evaluation_reads_checkpoint_weights_without_running_pickled_code(tmp_path, files):
+    marker = tmp_path / "pwned"
+    state = tmp_path / "actor" / "state"
+    state.mkdir(parents=True)
+    for name in files:
+        torch.save({"module": WritesAFile(marker), "optimizer_state_dict": WritesAFile(marker)}, state / name)
+    engine = type("Engine", (), {"module": torch.nn.Linear(2, 2), "zero3": False})()
+    with pytest.raises(VbonError, match=r"actor: a DeepSpeed file holds a pickled object .* could run code"):
+        load_trained_weights(engine, tmp_path / "actor")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_resume_reads_deepspeed_files_without_running_pickled_code(tmp_path):
+    import deepspeed
+
+    from vbon_ds.engines import distributed
+    from vbon_ds.engines.base import DeepSpeedModel
+
+    distributed.init_distributed()
+    model = torch.nn.Linear(4, 2)
+    config = {
+        "train_batch_size": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}},
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engines = {"actor": DeepSpeedModel(engine, None, trainable=True)}
+    step_dir = save_checkpoint(tmp_path, 1, engines, {"step": 1}, keep_last=1, run_id="r")
+    assert load_checkpoint(tmp_path, engines)["step"] == 1  # DeepSpeed's own files pass the safe loader
+    marker = tmp_path / "pwned"
+    torch.save({"module": WritesAFile(marker)}, step_dir / "actor" / "state" / "mp_rank_00_model_states.pt")
+    (step_dir / MANIFEST).unlink()  # the sender's own manifest, matching the files sent
+    (step_dir / MANIFEST).write_text(json.dumps(_manifest(step_dir, 1, "r")))
+    with pytest.raises(VbonError, match=r"actor: a DeepSpeed file holds a pickled object .* could run code"):
+        load_checkpoint(tmp_path, engines)
+    assert not marker.exists()

@@ -89,3 +89,80 @@ def test_refcache_and_evaluate_do_not_need_valid_training_batch_sizes(tmp_path, 
     rows = evaluate.run(cfg)
     policy = next(row for row in rows if row.method == "policy")
     assert policy.kl == pytest.approx(0.0, abs=1e-5)  # untrained: the actor is the reference
+
+
+# ---------------------------------------------------------------- resume: settings, other runs, fresh starts
+
+KL_RL = ("vbon.objective=kl_rl", "vbon.beta=0.1", "train.steps=1", "train.checkpoint_every=1")  # no cache
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model) -> Path:
+    """A finished one-step LoRA run (rank 4) with its checkpoint and final/."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    Trainer(tiny_config(out, tiny_model, *KL_RL, "model.lora_rank=4")).run()
+    return out
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("model.lora_rank=8", "model.lora_rank: checkpoint 4, now 8"),
+        ("model.lora_rank=0", "model.lora_rank: checkpoint 4, now 0"),
+        ("model.lora_alpha=64", "model.lora_alpha: checkpoint 16.0, now 64.0"),
+        ("model.trainable_layers=1", "model.trainable_layers: checkpoint 0, now 1"),
+    ],
+)
+def test_resume_names_a_changed_weights_setting_and_keeps_the_checkpoint(lora_run, change, named):
+    cfg = demo_config("tiny", lora_run, [*KL_RL, "model.lora_rank=4", change, "train.steps=2"])
+    with pytest.raises(VbonError) as err:
+        Trainer(cfg)
+    message = str(err.value)
+    assert f"checkpoint {lora_run / 'checkpoints' / 'step_00000001'} was trained with other" in message
+    assert named in message and "remove" not in message
+    assert (lora_run / "checkpoints" / "step_00000001").is_dir()
+
+
+def test_evaluate_runs_refuses_a_changed_lora_alpha(lora_run):
+    cfg = demo_config("tiny", lora_run, ["model.lora_rank=4", "model.lora_alpha=64"])
+    with pytest.raises(VbonError, match=r"--runs .*model\.lora_alpha: checkpoint 16\.0, now 64\.0"):
+        evaluate.run(cfg, run_dirs=[lora_run])
+
+
+def test_resume_refuses_another_base_models_checkpoint(tmp_path, tiny_model, lora_run):
+    other = tmp_path / "other"
+    make_tiny_causal_lm(other / "model", seed=1)  # another base model, in a directory named like the first
+    step = lora_run / "checkpoints" / "step_00000001"
+    cfg = demo_config("tiny", other, [*KL_RL, "model.lora_rank=4", f"train.resume={step}"])
+    with pytest.raises(
+        VbonError, match=r"model\.actor: checkpoint '\S+/lora\d*/run/model', now '\S+/other/model'"
+    ):
+        Trainer(cfg)
+    own = tmp_path / "own"
+    Trainer(tiny_config(own, tiny_model, *KL_RL)).run()
+    make_tiny_causal_lm(own / "model", seed=1)  # the actor's weights overwritten in place
+    with pytest.raises(VbonError, match=r"model\.actor content: checkpoint '[0-9a-f]+', now '[0-9a-f]+'"):
+        Trainer(demo_config("tiny", own, [*KL_RL, "train.steps=2"]))
+
+
+def test_resume_none_says_what_it_replaces_and_keeps_final_until_the_new_one_is_written(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    out = tmp_path / "fresh"
+    Trainer(tiny_config(out, tiny_model, *KL_RL, "train.steps=2")).run()
+    old_final = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+    capsys.readouterr()
+    trainer = Trainer(demo_config("tiny", out, [*KL_RL, "train.resume=none"]))
+    warning = capsys.readouterr().err
+    assert "train.resume=none starts fresh in" in warning
+    assert "its earlier checkpoints (step_00000002) go as this run saves" in warning  # keep_checkpoints=1
+    assert f"{out / 'final'} is replaced when this run finishes" in warning
+
+    def export_dies_half_way(self, save_directory, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half written")
+        raise OSError("killed while exporting")
+
+    monkeypatch.setattr(type(trainer.engines.actor.module), "save_pretrained", export_dies_half_way)
+    with pytest.raises(OSError, match="killed while exporting"):
+        trainer.run()
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == old_final

@@ -15,8 +15,9 @@ A save writes `.tmp_step_...`, adds the manifest, renames it to `step_...`, and 
 `keep_last` most recently written checkpoints (never the new one, which `latest` names) and first renames a
 victim to `.trash_...`, so a kill mid-removal leaves no half-deleted step directory. Resuming takes the one
 `latest` names if it verifies against its manifest, else the newest one that does (saying so), and stops
-with a VbonError when checkpoints exist but none is usable. The project's own state is JSON and safetensors:
-loading it runs no code; DeepSpeed's own files are torch pickles that DeepSpeed loads (see the README).
+with a VbonError when checkpoints exist but none is usable. The project's own state is JSON and safetensors;
+DeepSpeed's own files are torch pickles, which every load here reads with torch's weights-only unpickler
+(`pickle_free_torch_load`): tensors, containers and a few DeepSpeed record types, never code.
 
 For tests, VBON_CHECKPOINT_KILL_AT=<stage> makes rank 0 exit abruptly at that stage of a save (SAVE_STAGES).
 Every function that takes engines is a collective: call it on all ranks.
@@ -25,19 +26,25 @@ Every function that takes engines is a collective: call it on all ranks.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -358,6 +365,36 @@ def save_checkpoint(
 
 # ---------------------------------------------------------------- load
 
+# The non-tensor types DeepSpeed (0.19) pickles into its model and optimizer files: plain records, built
+# without running code. Anything else in such a file makes the load fail instead of executing it.
+DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def pickle_free_torch_load() -> Iterator[None]:
+    """Every torch.load inside (DeepSpeed's loader and zero_to_fp32 pass weights_only=False) uses torch's
+    weights-only unpickler with DeepSpeed's record types allowed: a checkpoint cannot run code."""
+    real_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            return real_load(*args, **{**kwargs, "weights_only": True})
+
+    torch.load = weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
+def refused_pickle(err: Exception, where: Path) -> VbonError:
+    """The one-line error for a DeepSpeed file that the weights-only unpickler refuses."""
+    reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+    return VbonError(
+        f"{where}: a DeepSpeed file holds a pickled object other than tensors and DeepSpeed's records "
+        f"({reason or type(err).__name__}); it was not loaded, since unpickling it could run code"
+    )
+
 
 def load_checkpoint(path: str | Path, engines: dict[str, DeepSpeedModel]) -> dict[str, Any]:
     """Restore engines (weights, optimizer, LR schedule) and RNG states; return the trainer state.
@@ -372,12 +409,16 @@ def load_checkpoint(path: str | Path, engines: dict[str, DeepSpeedModel]) -> dic
         if not (step_dir / name).is_dir():
             raise VbonError(f"checkpoint {step_dir} has no state for the {name!r} engine")
         try:
-            load_path, _ = engine.ds.load_checkpoint(str(step_dir / name), tag=_TAG)
-        except Exception as err:  # a shard that passed the size check but does not unpickle
+            with pickle_free_torch_load():
+                load_path, _ = engine.ds.load_checkpoint(str(step_dir / name), tag=_TAG)
+        except pickle.UnpicklingError as err:
+            raise refused_pickle(err, step_dir / name) from err
+        except Exception as err:  # DeepSpeed raises anything; the settings were checked before
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise VbonError(
-                f"checkpoint {step_dir / name} could not be loaded by DeepSpeed ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); remove {step_dir} to "
-                "resume from the previous checkpoint"
+                f"checkpoint {step_dir / name} matches its manifest, yet DeepSpeed could not load it into "
+                f"this run's {name} engine ({type(err).__name__}: {first_line}); it is kept: rerun with the "
+                "settings that wrote it (model.*, deepspeed.*), or give this run a new train.output_dir"
             ) from err
         if load_path is None:
             raise VbonError(f"checkpoint {step_dir / name} could not be loaded by DeepSpeed")
@@ -397,15 +438,29 @@ def read_trainer_state(step_dir: str | Path) -> dict[str, Any]:
 def export_hf(actor: DeepSpeedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     """The actor as a Hugging Face directory (save_pretrained + tokenizer), from ZeRO-3 shards or not.
 
-    All ranks call it (the ZeRO-3 gather is collective); rank 0 writes.
+    All ranks call it (the ZeRO-3 gather is collective); rank 0 writes. The export goes to a temporary
+    sibling first: an existing `out_dir` (an earlier run's) is replaced only once the new one is complete.
     """
     # ZeRO-3: full tensors in the model's dtype on rank 0 (None elsewhere), gathered one layer at a time.
     state_dict = actor.ds._zero3_consolidated_16bit_state_dict() if actor.zero3 else actor.module.state_dict()
     if distributed.is_main():
         state_dict = merge_lora(actor.module, state_dict)  # LoRA adapters folded in: a plain HF model
         out_dir = Path(out_dir)
-        with writing(out_dir):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            actor.module.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(str(out_dir))
+        tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+        with writing(tmp):
+            tmp.mkdir(parents=True)
+            actor.module.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+        _swap_in(tmp, out_dir)
     distributed.barrier()
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put the complete directory `new` at `target`, removing what was there only after the rename."""
+    old = target.with_name(f".old_{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -3,12 +3,14 @@
 A ZeRO checkpoint keeps the model's true weights in the optimizer partitions, which only an engine with the
 same optimizer and world size can read; `vbon evaluate` has neither. DeepSpeed's zero_to_fp32 reader
 rebuilds the full fp32 state dict from the files on rank 0 (a stage-0 checkpoint, from a world of one,
-stores the module whole), and the frozen engine takes it in one gather.
+stores the module whole), and the frozen engine takes it in one gather. Every file is read with torch's
+weights-only unpickler (checkpoint.pickle_free_torch_load): evaluating a checkpoint runs none of its code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 from pathlib import Path
 
 import deepspeed
@@ -17,6 +19,7 @@ import torch
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.engines.checkpoint import _TAG as CHECKPOINT_TAG
+from vbon_ds.engines.checkpoint import pickle_free_torch_load, refused_pickle
 from vbon_ds.errors import VbonError
 
 
@@ -25,7 +28,7 @@ def load_trained_weights(engine: DeepSpeedModel, engine_dir: str | Path) -> None
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise VbonError(f"checkpoint has no weights for this engine: {engine_dir} is missing")
-    state = _saved_weights(engine_dir) if distributed.is_main() else None
+    state = _read_weights(engine_dir) if distributed.is_main() else None
     # named_parameters lists a tied output embedding once, under the name the checkpoint uses too.
     params = dict(engine.module.named_parameters())
     gather = (
@@ -46,6 +49,15 @@ def load_trained_weights(engine: DeepSpeedModel, engine_dir: str | Path) -> None
     distributed.barrier()
 
 
+def _read_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
+    """`_saved_weights` without unpickling anything but tensors and DeepSpeed's records."""
+    try:
+        with pickle_free_torch_load():
+            return _saved_weights(engine_dir)
+    except pickle.UnpicklingError as err:
+        raise refused_pickle(err, engine_dir) from err
+
+
 def _saved_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
     """The full state dict of a saved engine: rebuilt from the ZeRO-3 partitions, or (stages 0 to 2) the
     module weights DeepSpeed stores whole in mp_rank_00_model_states.pt."""
@@ -57,5 +69,4 @@ def _saved_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
     whole = tag_dir / "mp_rank_00_model_states.pt"
     if not whole.is_file():
         raise VbonError(f"checkpoint {engine_dir} holds no model weights ({whole} is missing)")
-    # DeepSpeed's own file format is a pickle; README says what loading a checkpoint trusts.
-    return torch.load(whole, map_location="cpu", weights_only=False)["module"]
+    return torch.load(whole, map_location="cpu", weights_only=True)["module"]

@@ -35,6 +35,7 @@ from vbon_ds.engines.builders import build_reward
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.engines.run_settings import check_resume_compatible, recorded_settings, weights_settings
 from vbon_ds.engines.weights import load_trained_weights
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
@@ -415,13 +416,9 @@ def _run_policy(cfg: ExperimentConfig, run_dir: Path, checkpoint: Path | None, l
     if checkpoint is None:
         return Policy(label, run=str(run_dir), steps=0)
     state = distributed.from_main(lambda: read_trainer_state(checkpoint))
-    trained = state.get("config", {}).get("model", {})
-    for key in ("actor", "gguf_file", "lora_rank"):
-        if key in trained and trained[key] != getattr(cfg.model, key):
-            raise VbonError(
-                f"--runs {run_dir}: trained with model.{key}={trained[key]!r}, but this config has "
-                f"{getattr(cfg.model, key)!r}; evaluate it with its own config"
-            )
+    where = f"--runs {run_dir}"
+    recorded = distributed.from_main(lambda: recorded_settings(state, where))  # warns once for old ones
+    check_resume_compatible(recorded, weights_settings(cfg), where, training=False)
     setting = run_setting(state["config"]) if "config" in state else ""
     return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
 

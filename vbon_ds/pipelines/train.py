@@ -10,6 +10,7 @@ schedule and honours a stop signal; the phases themselves are in experience.py a
 from __future__ import annotations
 
 import random
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +23,20 @@ from vbon_ds import bon
 from vbon_ds.config import ExperimentConfig, config_to_dict
 from vbon_ds.data import PromptSampler, load_prompts
 from vbon_ds.engines import distributed
-from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, resume_checkpoint, save_checkpoint
+from vbon_ds.engines.checkpoint import (
+    export_hf,
+    load_checkpoint,
+    read_trainer_state,
+    resume_checkpoint,
+    save_checkpoint,
+    step_dirs,
+)
+from vbon_ds.engines.run_settings import (
+    SETTINGS_KEY,
+    check_resume_compatible,
+    recorded_settings,
+    weights_settings,
+)
 from vbon_ds.errors import VbonError
 from vbon_ds.models import check_models_fit
 from vbon_ds.monitor import Monitor
@@ -59,9 +73,11 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, engines: Engines | None = None) -> None:
         self.cfg = cfg
-        self.engines = engines if engines is not None else build_training_engines(cfg)
         self.rank = distributed.rank()
         self.out = Path(cfg.train.output_dir)
+        self.settings = weights_settings(cfg)  # recorded in every checkpoint
+        self.resume_from = self._checkpoint_to_resume()  # checked against self.settings before models load
+        self.engines = engines if engines is not None else build_training_engines(cfg)
         self.beta = objective_beta(cfg)
         self.offline = cfg.algo.name in OFFLINE_ALGOS
         self._seed_everything(cfg.train.seed)
@@ -96,18 +112,52 @@ class Trainer:
             )
         return open_refcache(self.cfg)
 
-    def resume(self) -> None:
-        """Continue from train.resume (auto: the latest verified checkpoint, if any)."""
-        self.run_id = uuid.uuid4().hex  # a resumed run keeps the id of the run it continues
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint train.resume names (auto: the latest verified one, if any), refused when it was
+        written with other weights settings; None to start fresh."""
         resume = self.cfg.train.resume
         if resume == "none":
-            return
+            if distributed.is_main():
+                self._announce_fresh_start()
+            return None
         root = self.out / "checkpoints" if resume == "auto" else Path(resume)
+        return distributed.from_main(lambda: self._compatible_checkpoint(root, resume))
+
+    def _compatible_checkpoint(self, root: Path, resume: str) -> Path | None:
         # The newest verified checkpoint; a VbonError when some exist but none is usable.
-        path = distributed.from_main(lambda: resume_checkpoint(root))
+        path = resume_checkpoint(root)
         if path is None:
             if resume != "auto":
                 raise VbonError(f"train.resume: no checkpoint in {root}")
+            return None
+        where = f"checkpoint {path}"
+        check_resume_compatible(recorded_settings(read_trainer_state(path), where), self.settings, where)
+        return path
+
+    def _announce_fresh_start(self) -> None:
+        """train.resume=none over an earlier run's files: say what this run replaces, before it does."""
+        earlier = [d.name for d in step_dirs(self.out / "checkpoints")]
+        final = self.out / "final"
+        replaced = []
+        if earlier:
+            replaced.append(
+                f"its earlier checkpoints ({', '.join(earlier)}) go as this run saves (a step it saves "
+                f"replaces the old one of that number, and only the newest train.keep_checkpoints="
+                f"{self.cfg.train.keep_checkpoints} are kept)"
+            )
+        if final.exists():
+            replaced.append(f"{final} is replaced when this run finishes (kept until the new one is written)")
+        if replaced:
+            print(
+                f"vbon: warning: train.resume=none starts fresh in {self.out}: {'; '.join(replaced)}",
+                file=sys.stderr,
+            )
+
+    def resume(self) -> None:
+        """Continue from the checkpoint chosen at start-up, if any."""
+        self.run_id = uuid.uuid4().hex  # a resumed run keeps the id of the run it continues
+        path = self.resume_from
+        if path is None:
             return
         state = load_checkpoint(path, self.engines.trainable())  # also restores this rank's RNG streams
         self.step, self.bad_steps = state["step"], state["bad_steps"]
@@ -128,6 +178,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "reference_logps": distributed.all_gather_object(self.reference_logps.state_dict()),
             "config": config_to_dict(self.cfg),
+            SETTINGS_KEY: self.settings,
             "run_id": self.run_id,
         }
         save_checkpoint(

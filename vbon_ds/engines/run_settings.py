@@ -1,0 +1,124 @@
+"""What a checkpoint's weights mean: recorded at every save, compared before resume or evaluation loads them.
+
+The record (trainer_state["weights_settings"]) and why each entry is in it:
+    model.actor, model.actor content   the base the trained weights belong to (with LoRA or top-K training
+                                       most of the actor *is* the base); the content id also catches a
+                                       directory whose weight files were overwritten in place
+    model.gguf_file                    one directory can hold several GGUF files
+    model.tokenizer                    which text each token id of the embeddings and head stands for
+    model.lora_rank, model.lora_alpha, model.lora_target_modules
+                                       the adapters' shapes, their scale (alpha / rank) and where they sit
+and, for resume only (the optimizer state and engines must match; evaluation reads full weights, which
+these leave unchanged):
+    model.trainable_layers             which parameters the optimizer state covers
+    model.dtype                        as resolved on this machine: the optimizer keeps another state layout
+                                       per precision
+    critic                             PPO saves a critic engine, its trunk chosen by model.critic_init
+Not recorded: model.reference and every objective setting (they change the training, not what the saved
+weights are), model.gradient_checkpointing and logprob_backend (same weights either way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.engines.builders import _accelerator
+from vbon_ds.engines.ds_config import precision
+from vbon_ds.errors import VbonError
+
+SETTINGS_KEY = "weights_settings"
+CONTENT = "model.actor content"
+CRITIC = "critic (algo.name=ppo, model.critic_init)"
+_CONFIG_FIELDS = ("actor", "gguf_file", "tokenizer", "lora_rank", "lora_alpha", "lora_target_modules")
+_LAYOUT_CONFIG_FIELDS = ("trainable_layers",)
+TRAINING_ONLY = frozenset({"model.trainable_layers", "model.dtype", CRITIC})
+_BLOCK = 1 << 16  # bytes read at each sampled offset of a weight file
+_BLOCKS = 16  # offsets per file, spread evenly: a fine-tune changes every layer, so some block changes
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def model_content_id(path: str, gguf_file: str = "") -> str | None:
+    """A cheap fingerprint of a local model's weight files: SHA-256 over each file's name, size and 16
+    blocks of 64 KiB spread evenly through it (the whole file when smaller). None for a hub id: its
+    content is pinned by the hub's revision, not by a directory that can be overwritten."""
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        return None
+    files = [local / gguf_file] if gguf_file else sorted({p for g in _WEIGHT_FILES for p in local.glob(g)})
+    digest = hashlib.sha256()
+    for file in files:
+        if not file.is_file():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            for k in range(_BLOCKS):
+                f.seek(size * k // _BLOCKS)
+                digest.update(f.read(_BLOCK))
+    return digest.hexdigest()
+
+
+def _critic(cfg: ExperimentConfig) -> str:
+    return f"from the {cfg.model.critic_init}" if cfg.algo.name == "ppo" else "none"
+
+
+def _from_model_section(model: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    return {f"model.{name}": model[name] for name in fields if name in model}
+
+
+def weights_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The settings that decide what the weights saved by a run of `cfg` on this machine mean (see the
+    module docstring)."""
+    model = vars(cfg.model)
+    return {
+        **_from_model_section(model, _CONFIG_FIELDS + _LAYOUT_CONFIG_FIELDS),
+        CONTENT: model_content_id(cfg.model.actor, cfg.model.gguf_file),
+        "model.dtype": precision(cfg, *_accelerator()),  # auto resolved as the engines do
+        CRITIC: _critic(cfg),
+    }
+
+
+def recorded_settings(state: dict[str, Any], where: str) -> dict[str, Any]:
+    """The settings a checkpoint's trainer state records. Checkpoints of older versions lack the record:
+    the model section of their saved config stands in for it, with a warning (no content id, dtype or
+    critic to compare)."""
+    if SETTINGS_KEY in state:
+        return state[SETTINGS_KEY]
+    model = state.get("config", {}).get("model", {})
+    print(
+        f"vbon: warning: {where} records no weights settings (written by an older vbon_ds); "
+        + ("only its saved model.* settings are compared" if model else "nothing is compared"),
+        file=sys.stderr,
+    )
+    return _from_model_section(model, _CONFIG_FIELDS + _LAYOUT_CONFIG_FIELDS)
+
+
+def differences(recorded: dict[str, Any], current: dict[str, Any], training: bool) -> list[str]:
+    """'field: checkpoint X, now Y' for each setting recorded in both that differs (training: the optimizer
+    layout too)."""
+    return [
+        f"{key}: checkpoint {recorded[key]!r}, now {current[key]!r}"
+        for key in recorded
+        if key in current and (training or key not in TRAINING_ONLY) and recorded[key] != current[key]
+    ]
+
+
+def check_resume_compatible(
+    recorded: dict[str, Any], current: dict[str, Any], where: str, training: bool = True
+) -> None:
+    """Raise a VbonError naming every setting in which the checkpoint at `where` (its `recorded`
+    settings) and this run (`current`, from `weights_settings`) differ, with what to do."""
+    differ = differences(recorded, current, training)
+    if not differ:
+        return
+    advice = (
+        "resume with the checkpoint's settings, or give this run a new train.output_dir "
+        "(train.resume=none starts fresh here, replacing its checkpoints)"
+        if training
+        else "evaluate it with the config it was trained with"
+    )
+    raise VbonError(f"{where} was trained with other weights settings ({'; '.join(differ)}); {advice}")

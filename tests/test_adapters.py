@@ -1,4 +1,5 @@
-"""Trainable subsets in process: top-K layers on a tied-head GPT-2, LoRA merge with Conv1D weights, errors."""
+"""Trainable subsets in process: top-K layers on a tied-head GPT-2, LoRA merge with Conv1D weights, errors;
+LoRA runs through the pipeline and its evaluation."""
 
 import os
 import subprocess
@@ -91,3 +92,31 @@ def test_lora_through_the_whole_tiny_pipeline(tmp_path):
     assert abs(kl[1][1]) > 1e-6  # after an update the adapters move the actor away from it
     exported, info = AutoModelForCausalLM.from_pretrained(out / "final", output_loading_info=True)
     assert not any(info.values()) and not [n for n, _ in exported.named_parameters() if "lora" in n]
+
+
+@pytest.mark.slow
+def test_lora_evaluation_gives_the_same_numbers_twice(tmp_path):
+    """Two evaluations of one LoRA run, whatever the random state before each: the same table."""
+    from vbon_ds.pipelines import build_refcache, evaluate
+    from vbon_ds.pipelines.demo import demo_config
+    from vbon_ds.pipelines.engines import build_engines
+
+    saved_env = dict(os.environ)
+    try:
+        cfg = demo_config(
+            "tiny", tmp_path / "run",
+            ["model.lora_rank=4", "model.lora_alpha=8", "data.max_train_prompts=2", "data.max_eval_prompts=4",
+             "generation.eval_temperatures=[1.0, 0.7]", "logging.progress_bar=false"],
+        )  # fmt: skip
+        build_refcache.run(cfg)
+        engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
+        tables = []
+        for seed in (1, 2):  # e.g. the state other work left behind
+            torch.manual_seed(seed)
+            tables.append(evaluate.format_table(evaluate.evaluate(cfg, engines)))
+    finally:  # as test_evaluate's fixture: no process-group variables for later tests' children
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        os.environ.clear()
+        os.environ.update(saved_env, LOCAL_RANK=local_rank)
+    assert tables[0] == tables[1]
+    assert "| policy | 0.7 |" in tables[0]

@@ -9,6 +9,7 @@ import torch
 
 from vbon_ds.bon import (
     bon_kl_bound,
+    bon_kl_from_samples,
     bon_log_probs,
     bon_win_rate,
     expected_bon_reward,
@@ -117,6 +118,57 @@ def test_bon_kl_bound_is_tight_without_ties_on_a_fine_support():
     kl = (torch.exp(log_bon) * (log_bon - log_p)).sum().item()
     assert kl == pytest.approx(bon_kl_bound(n), abs=1e-3)
     assert bon_kl_bound(1) == 0.0
+
+
+def _refined_discrete_bon_kl(rewards: list[float], n: int, pieces: int) -> float:
+    """KL of the discrete BoN (bon_log_probs) over M samples of mass 1/M each, where every sample whose
+    reward no other sample shares is split into `pieces` distinct values: tends, as pieces grows, to the
+    KL with tie-free stretches that bon_kl_from_samples computes in closed form."""
+    counts = {r: rewards.count(r) for r in rewards}
+    support, log_p = [], []
+    for r in rewards:
+        parts = pieces if counts[r] == 1 else 1
+        support += [r + k * 1e-6 for k in range(parts)]  # rewards here are >= 1e-3 apart
+        log_p += [-math.log(len(rewards) * parts)] * parts
+    log_p = torch.tensor(log_p, dtype=torch.float64)
+    log_bon = bon_log_probs(log_p, torch.tensor(support, dtype=torch.float64), n)
+    return (torch.exp(log_bon) * (log_bon - log_p)).sum().item()
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_bon_kl_from_samples_is_the_bound_without_ties_and_below_it_with_ties(n):
+    distinct = torch.randn(3, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kl = bon_kl_from_samples(distinct, n)
+    assert kl.shape == (3,) and kl.dtype == torch.float64
+    torch.testing.assert_close(kl, torch.full((3,), bon_kl_bound(n), dtype=torch.float64), rtol=0, atol=1e-12)
+    # VADER-like: many answers score exactly 0, and some share the top score.
+    tie_heavy = torch.tensor([[0.0] * 8 + [0.1, 0.2, 0.3, 0.4] + [0.5] * 4], dtype=torch.float64)
+    if n > 1:
+        assert bon_kl_from_samples(tie_heavy, n).item() < bon_kl_bound(n) - 1e-3
+    assert bon_kl_from_samples(torch.full((16,), 0.3), n).item() == 0.0  # every answer ties: BoN = ref
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_bon_kl_from_samples_against_the_tie_aware_distribution(n):
+    rewards = [0.0, 0.0, 0.0, 0.1, 0.2, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.6, 0.7]
+    got = bon_kl_from_samples(torch.tensor(rewards), n).item()
+    # Every tie group an atom, each singleton a stretch: the refined discrete KL converges to it.
+    refined = [_refined_discrete_bon_kl(rewards, n, pieces) for pieces in (1, 100, 1000)]
+    assert abs(refined[2] - got) < abs(refined[1] - got) < abs(refined[0] - got)
+    assert got == pytest.approx(refined[2], abs=1e-3)
+
+
+def test_bon_kl_from_samples_by_hand_in_float64():
+    # M = 4 rewards: an atom [0, 1/2] (two tied at 0) and two stretches [1/2, 3/4], [3/4, 1]; N = 3.
+    # Atom: BoN mass (1/2)^3 = 1/8 at ratio (1/8) / (1/2) = 1/4. Stretch [a, b]: with w = u^3,
+    # G(w) = w log 3 + (2/3)(w log w - w) between a^3 and b^3.
+    def g(w: float) -> float:
+        return w * math.log(3) + 2 / 3 * ((w * math.log(w) if w > 0 else 0.0) - w)
+
+    by_hand = 1 / 8 * math.log(1 / 4) + (g(27 / 64) - g(1 / 8)) + (g(1.0) - g(27 / 64))
+    got = bon_kl_from_samples(torch.tensor([0.0, 5.0, 0.0, 7.0]), 3).item()
+    assert got == pytest.approx(by_hand, abs=1e-12)
+    assert 0 < got < bon_kl_bound(3)
 
 
 def test_bad_n_and_shapes_raise_naming_the_argument():
@@ -306,3 +358,20 @@ def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
     assert math.isclose(exact[0].item(), lowest + math.log(4) / 3, rel_tol=1e-6)
     # Without missing_eos_score no answer is treated specially: -1 ties a cached reward (F_hat = 2/5).
     torch.testing.assert_close(reward()[0], torch.tensor(math.log(2 / 5)))
+
+
+def test_train_log_f_puts_cut_off_answers_at_the_bottom_under_every_vbon_objective():
+    # train/log_F is the mean of Scores.log_f: an answer cut off before EOS (scored missing_eos_score = -1,
+    # mid-distribution here) must count at -log(M + 1), as the vbon reward credits it.
+    from vbon_ds.config import load_config
+    from vbon_ds.pipelines.experience import score
+
+    refs = torch.tensor([[-2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 2.0, 5.0]])
+    rewards, ended = torch.tensor([-1.0, 3.0]), torch.tensor([False, True])
+    for objective in ("vbon", "vbon_exact"):
+        cfg = load_config(None, ["vbon.n=4", f"vbon.objective={objective}", "reward.missing_eos_score=-1"])
+        log_f = score(cfg, rewards, refs, ["a", "b"], ended).log_f
+        torch.testing.assert_close(log_f, torch.tensor([-math.log(5), math.log(4 / 5)]))
+    # Without missing_eos_score a cut-off answer keeps its reward's log F (-1 ties a cached reward).
+    cfg = load_config(None, ["vbon.n=4", "vbon.objective=vbon_exact"])
+    assert score(cfg, rewards, refs, ["a", "b"], ended).log_f[0].item() == pytest.approx(math.log(2 / 5))

@@ -47,6 +47,39 @@ def bon_kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def bon_kl_from_samples(ref_rewards: Tensor, n: int) -> Tensor:
+    """KL(pi_BoN || pi_ref) of BoN(n) with ties broken uniformly, for the reward distribution that M
+    reference rewards per prompt show: a value shared by k >= 2 of them is an atom of mass k/M, a value
+    seen once stands for a tie-free stretch of mass 1/M of the CDF. `ref_rewards` [M] -> scalar, [B, M]
+    -> [B]; float64.
+
+    pi_BoN / pi_ref depends on y only through u = F(r(y)): it is N u^(N-1) on tie-free stretches and the
+    constant (b^N - a^N) / (b - a) on an atom [a, b] of the CDF (`bon_log_probs`' ratio), so the KL is
+    the integral over u of ratio * log(ratio). Equals `bon_kl_bound(n)` without ties, is 0 when every
+    reward ties, and lies in between otherwise (tie-heavy rewards such as lexicon scores). Every sample
+    taken as an atom of mass 1/M instead would bias a tie-free KL low by finite M (docs/math.md).
+    """
+    refs = _order_stats(ref_rewards, n, extra=0)
+    num_refs = refs.shape[-1]
+    below = torch.searchsorted(refs, refs, side="left")
+    at_or_below = torch.searchsorted(refs, refs, side="right")
+    group_size = at_or_below - below  # how many samples share this sample's reward
+    lo, hi = below.double() / num_refs, at_or_below.double() / num_refs  # F_< and F_<= there
+    # Tie-free stretch [lo, hi]: with w = u^N, the integral of N u^(N-1) log(N u^(N-1)) du is
+    # [w log N + (N-1)/N (w log w - w)] between lo^N and hi^N.
+    w_lo, w_hi = lo**n, hi**n
+
+    def antiderivative(w: Tensor) -> Tensor:
+        return w * math.log(n) + (n - 1) / n * (torch.xlogy(w, w) - w)
+
+    stretch = antiderivative(w_hi) - antiderivative(w_lo)
+    # Atom [lo, hi]: BoN mass b^N - a^N times the log of the ratio, shared by the group's samples.
+    log_ratio = _log_bon_ratio(torch.log(hi), torch.log(lo) - torch.log(hi), n)
+    atom = torch.exp(log_ratio) * (hi - lo) * log_ratio / group_size
+    kl = torch.where(group_size > 1, atom, stretch).sum(-1)
+    return kl.reshape(ref_rewards.shape[:-1])
+
+
 def bon_log_probs(ref_log_probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     """Exact log pi_BoN over a finite support, ties broken uniformly at random among the tied samples.
 
@@ -138,6 +171,22 @@ def log_cdf_ties(rewards: Tensor, ref_rewards: Tensor, *, presorted: bool = Fals
     )
 
 
+def _below_every_reference(rewards: Tensor, ended_with_eos: Tensor | None) -> Tensor:
+    """`rewards` with those of answers cut off before EOS (`ended_with_eos` False) at -inf."""
+    if ended_with_eos is None:
+        return rewards
+    return torch.where(ended_with_eos.bool(), rewards, torch.full_like(rewards, -math.inf))
+
+
+def log_cdf_of_answers(
+    rewards: Tensor, ref_rewards: Tensor, ended_with_eos: Tensor | None, *, presorted: bool = False
+) -> Tensor:
+    """`log_cdf`, with answers cut off before EOS (`ended_with_eos` False, same shape as `rewards`) at its
+    lowest value -log(M + 1), as `vbon_reward` credits them (None: every answer at its reward). The log F
+    that training (train/log_F) and evaluation report."""
+    return log_cdf(_below_every_reference(rewards, ended_with_eos), ref_rewards, presorted=presorted)
+
+
 def vbon_reward(
     rewards: Tensor,
     ref_rewards: Tensor,
@@ -163,10 +212,9 @@ def vbon_reward(
     Shapes and `presorted` as in `log_cdf`.
     """
     _check_n(n, minimum=2)
-    if ended_with_eos is not None:
-        rewards = torch.where(ended_with_eos.bool(), rewards, torch.full_like(rewards, -math.inf))
     if estimator == "bound":
-        return log_cdf(rewards, ref_rewards, presorted=presorted)
+        return log_cdf_of_answers(rewards, ref_rewards, ended_with_eos, presorted=presorted)
+    rewards = _below_every_reference(rewards, ended_with_eos)
     if estimator != "exact":
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     log_lt, log_le = log_cdf_ties(rewards, ref_rewards, presorted=presorted)

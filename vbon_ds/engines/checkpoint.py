@@ -236,8 +236,8 @@ def _by_recency(root: Path) -> list[Path]:
     return sorted(step_dirs(root), key=_recency, reverse=True)
 
 
-def resume_checkpoint(path: str | Path) -> Path | None:
-    """The verified step directory to resume from.
+def resume_checkpoint(path: str | Path, action: str = "resuming from") -> Path | None:
+    """The verified step directory to resume from (`action`: what the warning says is done with it).
 
     `path` is a step directory (it must verify) or a checkpoint root: then the directory `latest` names if
     it verifies, else the most recently written one that does, with a warning on stderr naming what was
@@ -261,7 +261,7 @@ def resume_checkpoint(path: str | Path) -> Path | None:
                 pointer = f"latest names {named.name}" if named else "latest names no step directory"
                 print(
                     f"vbon: warning: {pointer} ({'; '.join(problems) or 'missing or unreadable'}); "
-                    f"resuming from the newest verified checkpoint, {candidate.name}",
+                    f"{action} the newest verified checkpoint, {candidate.name}",
                     file=sys.stderr,
                 )
             return candidate

@@ -2,13 +2,17 @@
 reward-KL plane.
 
     reference:  the M cached answers per prompt (BoN(1)): mean reward, KL 0, win rate 1/2 against itself
-    BoN(n):     unbiased order-statistic estimates from the same cache for n = 1, 2, 4, ... < M and vbon.n:
-                expected reward, win rate over a reference answer, and the KL bound log n - (n-1)/n
+    BoN(n):     unbiased order-statistic estimates from the same cache for n = 1, 2, 4, ... < M and vbon.n
+                (<= M): expected reward, win rate over a reference answer (n < M), and KL(pi_BoN || pi_ref)
+                for the ties the cached rewards show (bon.bon_kl_from_samples; the Pareto front uses it)
+                beside its tie-free bound log n - (n-1)/n
     policies:   generation.eval_samples fresh answers per prompt at each generation.eval_temperatures value,
                 from the reference ("reference (fresh)") and from each run's latest verified checkpoint:
                 mean reward, KL(pi_T || pi_ref) with pi_ref at the reference cache's temperature (one KL axis
-                for every point, whatever T), mean log F_hat, win rates against one reference answer and
-                against BoN(vbon.n) of the cached answers
+                for every point, whatever T), mean log F_hat (answers cut off before EOS at -log(M + 1)
+                when reward.missing_eos_score is set, as training credits them), win rates against one
+                reference answer and against BoN(vbon.n) of the cached answers; sampled from a random
+                stream fixed by train.seed, so two evaluations of one run give the same numbers
 Means come with standard errors across prompts (frontier.mean_and_se). With reward.eval_model or
 reward.eval_function set, every row also reports that evaluation reward (BoN rows: the cached answers
 rescored, BoN still choosing by the training reward), and the Pareto front is taken on it; win rates and
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ from vbon_ds.data import load_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_reward
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
+from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.engines.run_settings import check_resume_compatible, recorded_settings, weights_settings
@@ -41,7 +47,7 @@ from vbon_ds.errors import VbonError, writing
 from vbon_ds.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
 from vbon_ds.pipelines.engines import Engines, build_engines
 from vbon_ds.pipelines.experience import TokenBatch, policy_logprobs
-from vbon_ds.pipelines.rollout import sample_and_score, shard_evenly
+from vbon_ds.pipelines.rollout import ScoredRollout, sample_and_score, shard_evenly
 from vbon_ds.refcache import RefCache, open_refcache
 from vbon_ds.rewards import reward_names
 from vbon_ds.tldr import fit_prompts
@@ -59,9 +65,12 @@ class EvalRow:
     temperature: float | None
     reward: float
     kl: float
-    win_rate: float
+    """BoN rows: for the ties the cached rewards show (equal to kl_bound without ties)."""
+    win_rate: float | None
+    """None for BoN(M): no cached answer is left to play against."""
     log_f: float | None = None
-    kl_is_bound: bool = False
+    kl_bound: float | None = None
+    """BoN rows: the tie-free upper bound log n - (n-1)/n on their KL."""
     setting: str = ""
     """What was trained: objective or algorithm, N, beta (runs only)."""
     run: str = ""
@@ -142,15 +151,22 @@ def eval_scorer(cfg: ExperimentConfig, engines: Engines) -> RewardScorer | None:
     return build_reward(as_training, engines.sizes)
 
 
+def reference_eos_ids(engines: Engines) -> list[int]:
+    """The EOS ids the reference stopped at when it sampled the cache (its tokenizer's and its generation
+    config's), the set generation stops on."""
+    reference = engines.reference
+    return (reference.actor if isinstance(reference, AdapterReference) else reference).eos_ids
+
+
 def rescored_cache(ctx: Context, prompt_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(training rewards, evaluation rewards) of the cached answers in draw order, [P, M] float64 each: the
     cached answer texts scored by the evaluation reward, as the refcache scored them (fitted prompt, EOS)."""
-    tok = ctx.engines.tokenizer
+    tok, eos_ids = ctx.engines.tokenizer, set(reference_eos_ids(ctx.engines))
     mine, real = shard_evenly(list(range(len(prompt_ids))), distributed.rank(), distributed.world_size())
     records = [ctx.cache.record(prompt_ids[i]) for i in mine]
     prompts = fit_prompts([r.prompt for r in records for _ in r.texts], tok, ctx.cfg.data.max_prompt_tokens)
     texts = [text for r in records for text in r.texts]
-    ended = torch.tensor([bool(ids) and ids[-1] == tok.eos_token_id for r in records for ids in r.token_ids])
+    ended = torch.tensor([bool(ids) and ids[-1] in eos_ids for r in records for ids in r.token_ids])
     scores = ctx.eval_scorer.score(prompts, texts, ended_with_eos=ended).view(len(records), -1)
     local = [(r.rewards, s) for r, s in zip(records[:real], scores[:real].tolist(), strict=True)]
     gathered = [pair for part in distributed.all_gather_object(local) for pair in part]
@@ -158,16 +174,25 @@ def rescored_cache(ctx: Context, prompt_ids: list[str]) -> tuple[torch.Tensor, t
     return train, torch.tensor([pair[1] for pair in gathered], dtype=torch.float64)
 
 
+def bon_ns(m: int, n_main: int) -> list[int]:
+    """The n of the cache's BoN rows: powers of two below M, and vbon.n when the cache has that many."""
+    return sorted(
+        {n for n in [2**i for i in range(m.bit_length())] if n < m} | ({n_main} if n_main <= m else set())
+    )
+
+
 def bon_rows(ctx: Context, prompt_ids: list[str]) -> list[EvalRow]:
-    """Reference (BoN(1)) and BoN(n) for powers of two below M, plus vbon.n; from the cache alone."""
+    """Reference (BoN(1)) and BoN(n) for `bon_ns`; from the cache alone."""
     refs = ctx.cache.rewards_for(prompt_ids).double()
     m, n_main = refs.shape[1], ctx.bon_n
     drawn, rescored = rescored_cache(ctx, prompt_ids) if ctx.eval_scorer is not None else (None, None)
     rows = []
-    for n in sorted({n for n in [2**i for i in range(m.bit_length())] + [n_main] if n < m}):
-        row: dict[str, Any] = {"kl": bon.bon_kl_bound(n), "kl_is_bound": n > 1}
+    for n in bon_ns(m, n_main):
+        row: dict[str, Any] = {"kl_bound": bon.bon_kl_bound(n) if n > 1 else None, "win_rate": None}
+        _stat(row, "kl", bon.bon_kl_from_samples(refs, n))
         _stat(row, "reward", bon.expected_bon_reward(refs, n))
-        _stat(row, "win_rate", bon.bon_win_rate(refs, n))
+        if n < m:
+            _stat(row, "win_rate", bon.bon_win_rate(refs, n))
         if n == n_main:  # BoN(n) against itself: 1/2 by symmetry
             row["win_vs_bon"], row["win_vs_bon_se"] = 0.5, 0.0
         elif n == 1 and n_main < m:  # one reference answer against BoN(n) of the others
@@ -177,6 +202,23 @@ def bon_rows(ctx: Context, prompt_ids: list[str]) -> list[EvalRow]:
         method = "reference" if n == 1 else f"BoN({n})"
         rows.append(EvalRow(method=method, temperature=None, bon_n=n_main, **row))
     return rows
+
+
+def seed_sampling(cfg: ExperimentConfig, index: int) -> None:
+    """Start the sampling at eval temperature number `index` from a stream fixed by (train.seed, rank,
+    index): two evaluations give the same numbers, and the same policy the same answers whatever rows come
+    before it (an untrained policy's rows equal the fresh reference's)."""
+    torch.manual_seed(cfg.train.seed * 100_003 + 1_009 * distributed.rank() + index)
+
+
+def penalised_ended(
+    cfg: ExperimentConfig, scored: ScoredRollout, prompts: int, k: int
+) -> torch.Tensor | None:
+    """[prompts, k] whether each answer ended with EOS, when reward.missing_eos_score penalises those that
+    did not (log F then puts them at its lowest value, as training does); None otherwise."""
+    if cfg.reward.missing_eos_score is None:
+        return None
+    return scored.rollout.ended_with_eos[: prompts * k].view(prompts, k).cpu()
 
 
 @torch.no_grad()
@@ -192,7 +234,8 @@ def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow
     refs = ctx.cache.rewards_for(real_ids).double()
     size = cfg.train.micro_batch_size
     rows = []
-    for temperature in cfg.generation.eval_temperatures:
+    for index, temperature in enumerate(cfg.generation.eval_temperatures):
+        seed_sampling(cfg, index)
         scored = sample_and_score(
             policy,
             engines.scorer,
@@ -211,7 +254,9 @@ def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow
             "reward": rewards,
             "kl": kl[: real * k].double().view(real, k),
             "win_rate": win_rate_vs_bon(rewards, refs, 1),
-            "log_f": bon.log_cdf(rewards, refs, presorted=True),
+            "log_f": bon.log_cdf_of_answers(
+                rewards, refs, penalised_ended(cfg, scored, real, k), presorted=True
+            ),
         }
         if ctx.bon_n <= refs.shape[1]:
             local["win_vs_bon"] = win_rate_vs_bon(rewards, refs, ctx.bon_n)
@@ -264,6 +309,9 @@ def _bon_n(rows: list[EvalRow]) -> int | None:
     return next((row.bon_n for row in rows if row.bon_n is not None), None)
 
 
+KL_HEADER = "KL(pi \\|\\| pi_ref) (BoN: for the cache's ties, bound without ties)"
+
+
 def format_table(rows: list[EvalRow]) -> str:
     """A markdown table of the rows (± standard errors across prompts; * marks the Pareto front)."""
     bon_n = _bon_n(rows)
@@ -271,11 +319,11 @@ def format_table(rows: list[EvalRow]) -> str:
     with_setting = any(row.setting for row in rows)
     header = ["method", "temperature"] + (["setting"] if with_setting else [])
     header += ["mean reward"] + (["eval reward"] if with_eval else [])
-    header += ["KL(pi \\|\\| pi_ref)", "win rate vs ref", f"win rate vs BoN({bon_n or 'n'})", "mean log F"]
-    header += ["front"]
+    header += [KL_HEADER, "win rate vs ref", f"win rate vs BoN({bon_n or 'n'})", "mean log F", "front"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        kl = f"<= {row.kl:.3f}" if row.kl_is_bound else _pm(row.kl, row.kl_se, 3)
+        kl = _pm(row.kl, row.kl_se, 3)
+        kl += f" (bound {row.kl_bound:.3f})" if row.kl_bound is not None else ""
         cells = [row.method, "-" if row.temperature is None else f"{row.temperature:g}"]
         cells += [row.setting or "-"] if with_setting else []
         cells += [_pm(row.reward, row.reward_se, 4)]
@@ -288,7 +336,7 @@ def format_table(rows: list[EvalRow]) -> str:
 
 def share_of_bon_gain(rows: list[EvalRow]) -> list[str]:
     """One line per trained policy: its mean reward gain over the cached reference as a share of
-    BoN(vbon.n)'s, beside its KL and BoN(n)'s KL bound (vBoN's claim: a share near 1 at that KL)."""
+    BoN(vbon.n)'s, beside its KL and BoN(n)'s KL and KL bound (vBoN's claim: a share near 1 at that KL)."""
     cached = {row.method: row for row in rows if row.temperature is None}
     bon_n = _bon_n(rows)
     reference, best = cached.get("reference"), cached.get(f"BoN({bon_n})")
@@ -303,14 +351,15 @@ def share_of_bon_gain(rows: list[EvalRow]) -> list[str]:
         lines.append(
             f"{row.method} (T = {row.temperature:g}): reward gain over the reference {gain:+.3f}, "
             f"{gain / bon_gain:.0%} of BoN({bon_n})'s {bon_gain:+.3f}, at KL {row.kl:.3f} "
-            f"(BoN({bon_n}): <= {best.kl:.3f})"
+            f"(BoN({bon_n}): {best.kl:.3f}, bound {best.kl_bound:.3f})"
         )
     return lines
 
 
 def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
-    """Reward (the evaluation reward when set) against KL: the BoN curve (KL at its bound), one marker
-    series per policy over temperatures, the Pareto front as a step line with its points circled."""
+    """Reward (the evaluation reward when set) against KL: the BoN curve (at the KL for the cache's ties,
+    its tie-free bound marked beside), one marker series per policy over temperatures, the Pareto front as
+    a step line with its points circled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,8 +370,10 @@ def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cache_rows = [r for r in rows if r.temperature is None]
+    ax.plot([r.kl for r in cache_rows], [y(r) for r in cache_rows], "o-", color="gray", label="BoN(n)")
+    bounded = [r for r in cache_rows if r.kl_bound is not None]
     ax.plot(
-        [r.kl for r in cache_rows], [y(r) for r in cache_rows], "o-", color="gray", label="BoN(n) (KL bound)"
+        [r.kl_bound for r in bounded], [y(r) for r in bounded], "x", color="gray", label="BoN(n) KL bound"
     )
     for r in cache_rows:
         ax.annotate(r.method, (r.kl, y(r)), fontsize=7, xytext=(3, -8), textcoords="offset points")
@@ -363,16 +414,45 @@ def plot_reward_kl(rows: list[EvalRow], path: Path) -> None:
     plt.close(fig)
 
 
+def report_paths(cfg: ExperimentConfig, prefix: str | Path | None) -> tuple[Path, tuple[Path, Path, Path]]:
+    """(directory, (json, markdown, png)): output_dir/eval/results.json, ... or PREFIX.json, ..."""
+    if prefix is None:
+        out = Path(cfg.train.output_dir) / "eval"
+        return out, (out / "results.json", out / "results.md", out / "reward_kl.png")
+    prefix = Path(prefix)
+    json_path, md_path, png_path = (
+        prefix.with_name(f"{prefix.name}{ext}") for ext in (".json", ".md", ".png")
+    )
+    return prefix.parent, (json_path, md_path, png_path)
+
+
+def check_report_location(cfg: ExperimentConfig, prefix: str | Path | None) -> Path:
+    """Create the report's directory and check that its files can be written there, before any work (a
+    one-line VbonError saying why not, on every rank); returns the directory."""
+    out, paths = report_paths(cfg, prefix)
+    what = f"--out {prefix}" if prefix is not None else f"the evaluation's directory {out}"
+    fix = "give another --out" if prefix is not None else "give --out PREFIX elsewhere"
+
+    def check() -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), out)
+            raise VbonError(f"{what}: {blocker} is a file, not a directory; {fix}") from None
+        except OSError as err:
+            raise VbonError(f"{what}: cannot create {out} ({err.strerror}); {fix}") from None
+        unwritable = [p for p in paths if p.is_dir() or (p.exists() and not os.access(p, os.W_OK))]
+        if unwritable or not os.access(out, os.W_OK | os.X_OK):
+            raise VbonError(f"{what}: cannot write {unwritable[0] if unwritable else out}; {fix}")
+
+    distributed.from_main(check)
+    return out
+
+
 def write_report(cfg: ExperimentConfig, rows: list[EvalRow], prefix: str | Path | None = None) -> Path:
     """results.json, results.md and reward_kl.png in output_dir/eval, or PREFIX.json/.md/.png (rank 0);
     returns the directory written to."""
-    if prefix is None:
-        out = Path(cfg.train.output_dir) / "eval"
-        paths = (out / "results.json", out / "results.md", out / "reward_kl.png")
-    else:
-        prefix = Path(prefix)
-        out = prefix.parent
-        paths = tuple(prefix.with_name(f"{prefix.name}{ext}") for ext in (".json", ".md", ".png"))
+    out, paths = report_paths(cfg, prefix)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         with writing(paths[0]):
@@ -385,7 +465,11 @@ def write_report(cfg: ExperimentConfig, rows: list[EvalRow], prefix: str | Path 
 
 
 def context(cfg: ExperimentConfig, engines: Engines) -> Context:
-    """The shared parts of an evaluation: the cache (checked against the config), the evaluation reward."""
+    """The shared parts of an evaluation: the cache (checked against the config), the training reward's
+    scorer (built here when the engines have none: the demo reuses an offline algorithm's, which never
+    scores), the evaluation reward."""
+    if engines.scorer is None:
+        engines.scorer = build_reward(cfg, engines.sizes)
     return Context(cfg, engines, open_refcache(cfg), eval_scorer(cfg, engines), cfg.vbon.n)
 
 
@@ -406,19 +490,21 @@ def evaluate(
 
 
 def _checkpoint_of(output_dir: Path, required: bool, what: str) -> Path | None:
-    checkpoint = distributed.from_main(lambda: resume_checkpoint(output_dir / "checkpoints"))
+    checkpoint = distributed.from_main(lambda: resume_checkpoint(output_dir / "checkpoints", "evaluating"))
     if checkpoint is None and required:
         raise VbonError(f"{what}: no verified checkpoint under {output_dir / 'checkpoints'}; train it first")
     return checkpoint
 
 
-def _run_policy(cfg: ExperimentConfig, run_dir: Path, checkpoint: Path | None, label: str) -> Policy:
+def _run_policy(
+    cfg: ExperimentConfig, run_dir: Path, checkpoint: Path | None, label: str, what: str
+) -> Policy:
+    """The run in `run_dir` at `checkpoint`; `what` names it in errors (`--runs DIR` or this config's)."""
     if checkpoint is None:
         return Policy(label, run=str(run_dir), steps=0)
     state = distributed.from_main(lambda: read_trainer_state(checkpoint))
-    where = f"--runs {run_dir}"
-    recorded = distributed.from_main(lambda: recorded_settings(state, where))  # warns once for old ones
-    check_resume_compatible(recorded, weights_settings(cfg), where, training=False)
+    recorded = distributed.from_main(lambda: recorded_settings(state, what))  # warns once for old ones
+    check_resume_compatible(recorded, weights_settings(cfg), what, training=False)
     setting = run_setting(state["config"]) if "config" in state else ""
     return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
 
@@ -444,19 +530,21 @@ def run(
         labels = labels or [d.name for d in dirs]
         if len(set(labels)) != len(labels):
             raise VbonError(f"--runs: two runs share a name ({', '.join(labels)}); give distinct directories")
+    distributed.init_distributed()
+    where = check_report_location(cfg, out)
     engines = build_engines(cfg, actor="frozen", reference=True, scorer=True)
     if run_dirs:
         checkpoints = [_checkpoint_of(d, True, f"--runs {d}") for d in dirs]
         runs = [
-            (_run_policy(cfg, d, c, label), c) for d, c, label in zip(dirs, checkpoints, labels, strict=True)
+            (_run_policy(cfg, d, c, label, f"--runs {d}"), c)
+            for d, c, label in zip(dirs, checkpoints, labels, strict=True)
         ]
     else:
         own = Path(cfg.train.output_dir)
         checkpoint = _checkpoint_of(own, False, "")
-        runs = [(_run_policy(cfg, own, checkpoint, "policy"), checkpoint)]
+        runs = [(_run_policy(cfg, own, checkpoint, "policy", f"train.output_dir {own}"), checkpoint)]
     rows = evaluate(cfg, engines, runs)
-    where = write_report(cfg, rows, out)
-    if distributed.is_main():
+    if distributed.is_main():  # the table first: it is the result, whatever happens to the files
         if run_dirs:
             steps = ", ".join(f"{who.label} after {who.steps} steps" for who, _ in runs)
             print(f"evaluation of {len(runs)} runs ({steps}) ({where}):\n{format_table(rows)}")
@@ -464,4 +552,5 @@ def run(
             print(f"evaluation after {runs[0][0].steps} training steps ({where}):\n{format_table(rows)}")
         for line in share_of_bon_gain(rows):
             print(line)
+    write_report(cfg, rows, out)
     return rows

@@ -177,7 +177,8 @@ def score(
     elif cfg.vbon.objective == "vbon":
         log_f = objective
     else:
-        log_f = bon.log_cdf(rewards, sorted_ref_rewards, presorted=True)
+        cut_off = ended_with_eos if cfg.reward.missing_eos_score is not None else None
+        log_f = bon.log_cdf_of_answers(rewards, sorted_ref_rewards, cut_off, presorted=True)
     return Scores(rewards, objective, log_f)
 
 

@@ -294,8 +294,9 @@ def test_evaluating_its_own_run_speaks_of_its_output_dir_and_of_evaluating(tmp_p
     with pytest.raises(VbonError) as err:
         evaluate.run(cfg)
     assert str(err.value).startswith(
-        f"train.output_dir {cfg.train.output_dir}: trained with model.lora_rank=8"
+        f"train.output_dir {cfg.train.output_dir} was trained with other weights"
     )
+    assert "model.lora_rank: checkpoint 8, now 4" in str(err.value)
     assert "--runs" not in str(err.value)
     warning = capsys.readouterr().err
     assert "evaluating the newest verified checkpoint, step_00000002" in warning and "resuming" not in warning

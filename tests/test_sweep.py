@@ -233,6 +233,32 @@ def test_tiny_sweep_reports_a_failed_run_survives_sigterm_and_resumes_without_re
     assert matplotlib.image.imread(png).ndim == 3
 
 
+@pytest.mark.slow
+def test_sigkill_of_the_sweep_kills_its_training_run_and_frees_the_run_lock(tmp_path):
+    from vbon_ds.runlock import LOCK_FILE, run_lock
+
+    base = {"preset": "tiny", "set": ["data.max_train_prompts=4", "logging.progress_bar=false"]}
+    runs = [{"name": "long", "set": ["train.steps=500", "train.checkpoint_every=0"]}]
+    path = write_sweep(tmp_path / "sweep.yaml", runs, base=base)
+    run_dir = tmp_path / "sweep" / "runs" / "long"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "vbon_ds", "sweep", "--config", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=launch_env(),
+    )  # fmt: skip
+    try:
+        holder = wait_for(lambda: (run_dir / LOCK_FILE).is_file() and (run_dir / LOCK_FILE).read_text(),
+                          "the training run to take its lock")  # fmt: skip
+        trainer = int(holder.split("(pid ")[1].split()[0])
+        assert holder.startswith("vbon train") and alive(trainer)
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        wait_for(lambda: not alive(trainer), "the training run to die with the sweep", seconds=60)
+    finally:
+        sweep.kill()
+    with run_lock(run_dir, "vbon train"):  # the rerun is not refused
+        pass
+
+
 def read_scalars_if_any(events: Path) -> dict:
     return read_scalars(events) if events.is_dir() else {}
 

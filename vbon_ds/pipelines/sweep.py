@@ -4,9 +4,10 @@
     -> one `vbon evaluate` of all finished runs + the BoN(n) curve -> <output_dir>/frontier.{json,md,png}
 
 Each stage is a subprocess (`python -m vbon_ds ...`, or behind `launcher`, e.g. `torchrun --nproc_per_node 2`)
-logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on. Rerunning the
-sweep resumes it: the cache is only completed, a run whose training finished (its latest verified checkpoint
-is at train.steps and final/ exists) is not started again, an interrupted one resumes from its checkpoint.
+logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on; it dies with
+the sweep, however the sweep ends (see `_run_to_the_end`). Rerunning the sweep resumes it: the cache is only
+completed, a run whose training finished (its latest verified checkpoint is at train.steps and final/
+exists) is not started again, an interrupted one resumes from its checkpoint.
 Layout of <output_dir>: base.yaml (the base experiment, resolved), configs/<name>.yaml (each run's config),
 refcache/ (the shared cache; its lock and its job's files), runs/<name>/ (checkpoints, tensorboard/, final/),
 logs/, status.json (each stage's outcome and wall time), frontier.{json,md,png}.
@@ -22,6 +23,8 @@ The sweep YAML:
       set: [generation.eval_samples=8]  # --set overrides of the evaluation only
     runs:                             # name (letters, digits, . _ -) + --set overrides, one per point
       - {name: vbon_n4, set: [vbon.n=4]}
+
+The sweep places every run and the cache: train.output_dir and train.refcache_dir are refused in any `set`.
 """
 
 from __future__ import annotations
@@ -357,6 +360,7 @@ def _run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIG
     """
     proc = subprocess.Popen(
         command,
+        stdin=subprocess.DEVNULL,  # outside the terminal's foreground group a read would stop it (SIGTTIN)
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -313,12 +313,22 @@ def test_full_disk_while_writing_a_shard_names_it(tmp_path: Path, monkeypatch) -
     assert done_prompt_ids(tmp_path) == set() and not (tmp_path / FINGERPRINT_FILE).exists()
 
 
-def tiny_cache_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
-    """A config whose actor is a tiny model saved in tmp_path/actor, with a cache of 2 prompts written."""
-    from vbon_ds.tiny import make_tiny_causal_lm
+def save_checkpoint(root: Path, seed: int) -> None:
+    """A model directory as the fingerprint sees one: config, tokenizer and random safetensors weights
+    (written directly: a ZeRO-3 engine left alive in this process would make transformers save empty ones)."""
+    from safetensors.torch import save_file
 
+    root.mkdir(exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (root / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"content": "<|endoftext|>"}]}))
+    generator = torch.Generator().manual_seed(seed)
+    save_file({"h.0.w": torch.randn(16, 16, generator=generator)}, str(root / "model.safetensors"))
+
+
+def cache_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    """A config whose actor is the checkpoint in tmp_path/actor (made if missing), with 2 prompts."""
     if not (tmp_path / "actor").exists():
-        make_tiny_causal_lm(tmp_path / "actor", seed=0)
+        save_checkpoint(tmp_path / "actor", seed=0)
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(2)))
     cfg = load_config(
@@ -330,9 +340,7 @@ def tiny_cache_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
 
 
 def test_a_model_overwritten_in_place_makes_its_cache_stale(tmp_path: Path) -> None:
-    from vbon_ds.tiny import make_tiny_causal_lm
-
-    cfg = tiny_cache_config(tmp_path)
+    cfg = cache_config(tmp_path)
     with RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg)) as writer:
         writer.add(record(i) for i in range(2))
     assert len(open_refcache(cfg)) == 2
@@ -340,7 +348,7 @@ def test_a_model_overwritten_in_place_makes_its_cache_stale(tmp_path: Path) -> N
     assert set(stored["reference"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert set(stored["tokenizer"]) >= {"tokenizer.json"} and "model.safetensors" not in stored["tokenizer"]
 
-    make_tiny_causal_lm(tmp_path / "actor", seed=1)  # other weights, same path and same file sizes
+    save_checkpoint(tmp_path / "actor", seed=1)  # other weights, same path and same file sizes
     pattern = r"made with other settings \(model_content\.reference\.model\.safetensors: cached '\d+:"
     with pytest.raises(VbonError, match=pattern):
         open_refcache(cfg)
@@ -349,18 +357,16 @@ def test_a_model_overwritten_in_place_makes_its_cache_stale(tmp_path: Path) -> N
 
 
 def test_a_changed_tokenizer_or_reward_is_named(tmp_path: Path) -> None:
-    cfg = tiny_cache_config(tmp_path)
+    cfg = cache_config(tmp_path)
     with RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg)) as writer:
         writer.add(record(i) for i in range(2))
     tokenizer = tmp_path / "actor" / "tokenizer.json"
-    tokenizer.write_text(tokenizer.read_text().replace('"<|endoftext|>"', '"</s>"'))
+    tokenizer.write_text(tokenizer.read_text().replace("<|endoftext|>", "</s>"))
     pattern = r"model_content\.reference\.tokenizer\.json: .*; model_content\.tokenizer\.tokenizer\.json: "
     with pytest.raises(VbonError, match=pattern):
         open_refcache(cfg)
 
-    reward = cache_fingerprint(tiny_cache_config(tmp_path, "reward.function=vader"))["model_content"][
-        "reward"
-    ]
+    reward = cache_fingerprint(cache_config(tmp_path, "reward.function=vader"))["model_content"]["reward"]
     assert reward["function"] == "vader" and set(reward["packages"]) == {"vaderSentiment"}
     assert reward["source_sha256"] != cache_fingerprint(cfg)["model_content"]["reward"]["source_sha256"]
 
@@ -413,3 +419,25 @@ def test_a_cache_that_did_not_record_the_models_content_is_refused(tmp_path: Pat
     with pytest.raises(VbonError, match=r"has format version 2, this vbon_ds reads version 3 \(it does not "
                        r"record the models' content\); delete .* to rebuild it"):  # fmt: skip
         RefCache(tmp_path)
+
+
+@pytest.mark.slow
+def test_refcache_loads_a_model_not_downloaded_yet_before_fingerprinting_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from vbon_ds.pipelines import build_refcache
+    from vbon_ds.pipelines.demo import demo_config
+
+    cfg = demo_config("tiny", tmp_path / "run", ["data.max_train_prompts=2", "data.max_eval_prompts=2"])
+    events = []
+    build_engines, fingerprint = build_refcache.build_engines, build_refcache.cache_fingerprint
+    monkeypatch.setattr(build_refcache, "models_downloaded", lambda cfg: False)  # as a hub id not yet cached
+    monkeypatch.setattr(
+        build_refcache, "build_engines", lambda *a, **k: events.append("load") or build_engines(*a, **k)
+    )
+    monkeypatch.setattr(
+        build_refcache, "cache_fingerprint", lambda cfg: events.append("fingerprint") or fingerprint(cfg)
+    )
+    summary = build_refcache.run(cfg)
+    assert events == ["load", "fingerprint"]  # loading downloads it; the loaded engines then sample
+    assert summary.num_prompts == len(open_refcache(cfg))

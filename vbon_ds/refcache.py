@@ -118,10 +118,10 @@ def refcache_dir(cfg: ExperimentConfig) -> Path:
 
 # ---------------------------------------------------------------- the models' content
 
-# Small files read whole: the model's config (architecture, EOS ids) and every tokenizer file format.
-WHOLE_FILES = (
-    "config.json",
-    "generation_config.json",
+# Small files of a model: its architecture and its generation defaults (EOS ids).
+MODEL_FILES = ("config.json", "generation_config.json")
+# Every tokenizer file format.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -166,11 +166,11 @@ def file_digest(path: Path) -> str:
 
 
 def _local_content(root: Path, gguf_file: str, weights: bool) -> dict[str, str]:
-    """Digest of each file of a local checkpoint the answers depend on: the small files that exist, the
-    GGUF file when given (weights and tokenizer in one), and with `weights` the weight files."""
+    """Digest of each file of a local checkpoint the answers depend on: its tokenizer files, the GGUF file
+    when given (weights and tokenizer in one), and with `weights` the model's small files and weight files."""
     if root.is_file():  # a checkpoint given as one file
         return {root.name: file_digest(root)}
-    names = [name for name in WHOLE_FILES if (root / name).is_file()]
+    names = [*TOKENIZER_FILES, *(MODEL_FILES if weights else ())]
     if gguf_file:
         names.append(gguf_file)
     elif weights:
@@ -181,8 +181,10 @@ def _local_content(root: Path, gguf_file: str, weights: bool) -> dict[str, str]:
 
 def checkpoint_content(path: str, gguf_file: str = "", weights: bool = True) -> dict[str, str]:
     """What identifies a checkpoint's content: file digests of a local directory (see `file_digest`), or
-    the commit a hub id resolves to in the local Hugging Face cache (git commits identify every file's
-    content; the lookup needs no network). ModelNotDownloaded for a hub id not downloaded yet."""
+    the commit a hub id resolves to in the local Hugging Face cache. A git commit identifies every file's
+    content, whichever of them were downloaded, and the lookup needs no network; a new commit on the hub
+    (even one that only edits its README) therefore refuses the cache once it has been downloaded, erring
+    on the safe side. ModelNotDownloaded for a hub id not downloaded yet."""
     if not path:
         return {}  # no model given: the loader says so
     local = Path(path).expanduser()

@@ -17,9 +17,12 @@ from vbon_ds.refcache import (
     SETTINGS_KEY,
     SHARD_SCHEMA,
     CacheSummary,
+    ModelNotDownloaded,
     RefCache,
     RefCacheWriter,
     RefRecord,
+    cache_fingerprint,
+    checkpoint_content,
     done_prompt_ids,
     fingerprint_from_config,
     open_refcache,
@@ -143,7 +146,8 @@ def test_fingerprint_mismatch_names_the_key(tmp_path: Path) -> None:
     write(tmp_path, range(1))
     changed = {**FINGERPRINT, "temperature": 0.7, "top_k": 5}
     pattern = (
-        r"temperature: cached 1\.0, now 0\.7; top_k: cached '<absent>', now 5\); use another train.output_dir"
+        r"temperature: cached 1\.0, now 0\.7; top_k: cached '<absent>', now 5\); set train.refcache_dir to "
+        r"another directory, or delete"
     )
     with pytest.raises(VbonError, match=pattern):
         RefCacheWriter(tmp_path, changed)
@@ -213,8 +217,10 @@ def test_fingerprint_from_config() -> None:
 def test_runs_share_one_cache_through_train_refcache_dir(tmp_path: Path) -> None:
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(3)))
+    (tmp_path / "actor").mkdir()
+    (tmp_path / "actor" / "config.json").write_text("{}")
     models = [
-        "model.actor=tiny-actor",
+        f"model.actor={tmp_path / 'actor'}",
         "reward.function=vowel_ratio",
         f"vbon.num_ref_samples={M}",
         f"data.source={data}",
@@ -228,7 +234,7 @@ def test_runs_share_one_cache_through_train_refcache_dir(tmp_path: Path) -> None
         None,
         [*models, f"train.output_dir={tmp_path / 'kl'}", shared, "vbon.objective=kl_rl", "vbon.beta=0.1"],
     )
-    with RefCacheWriter(refcache_dir(vbon_run), fingerprint_from_config(vbon_run)) as writer:
+    with RefCacheWriter(refcache_dir(vbon_run), cache_fingerprint(vbon_run)) as writer:
         writer.add(record(i) for i in range(3))
     assert not (tmp_path / "vbon" / "refcache").exists()
     cache = open_refcache(kl_rl_run)  # the KL-RL run reads the cache the vBoN run wrote
@@ -252,7 +258,7 @@ def test_open_refcache_checks_the_configs_prompt_texts(tmp_path: Path) -> None:
     rows = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(10)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(None, [f"data.source={data}", f"train.output_dir={tmp_path / 'run'}"])
-    with RefCacheWriter(refcache_dir(cfg), fingerprint_from_config(cfg)) as writer:
+    with RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg)) as writer:
         writer.add(RefRecord(r["id"], r["prompt"], [0.0] * 32, [[1]] * 32, ["a"] * 32) for r in rows)
     assert len(open_refcache(cfg)) == 10
     rows[4]["prompt"] = "the data set changed"
@@ -305,3 +311,133 @@ def test_full_disk_while_writing_a_shard_names_it(tmp_path: Path, monkeypatch) -
     ):
         write(tmp_path, range(2))
     assert done_prompt_ids(tmp_path) == set() and not (tmp_path / FINGERPRINT_FILE).exists()
+
+
+def save_checkpoint(root: Path, seed: int) -> None:
+    """A model directory as the fingerprint sees one: config, tokenizer and random safetensors weights
+    (written directly: a ZeRO-3 engine left alive in this process would make transformers save empty ones)."""
+    from safetensors.torch import save_file
+
+    root.mkdir(exist_ok=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (root / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"content": "<|endoftext|>"}]}))
+    generator = torch.Generator().manual_seed(seed)
+    save_file({"h.0.w": torch.randn(16, 16, generator=generator)}, str(root / "model.safetensors"))
+
+
+def cache_config(tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    """A config whose actor is the checkpoint in tmp_path/actor (made if missing), with 2 prompts."""
+    if not (tmp_path / "actor").exists():
+        save_checkpoint(tmp_path / "actor", seed=0)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(2)))
+    cfg = load_config(
+        None,
+        [f"model.actor={tmp_path / 'actor'}", "reward.function=vowel_ratio", f"vbon.num_ref_samples={M}",
+         f"data.source={data}", f"train.output_dir={tmp_path / 'run'}", *overrides],
+    )  # fmt: skip
+    return cfg
+
+
+def test_a_model_overwritten_in_place_makes_its_cache_stale(tmp_path: Path) -> None:
+    cfg = cache_config(tmp_path)
+    with RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg)) as writer:
+        writer.add(record(i) for i in range(2))
+    assert len(open_refcache(cfg)) == 2
+    stored = json.loads((refcache_dir(cfg) / FINGERPRINT_FILE).read_text())["model_content"]
+    assert set(stored["reference"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert set(stored["tokenizer"]) == {"tokenizer.json"}
+
+    save_checkpoint(tmp_path / "actor", seed=1)  # other weights, same path and same file sizes
+    pattern = r"made with other settings \(model_content\.reference\.model\.safetensors: cached '\d+:"
+    with pytest.raises(VbonError, match=pattern):
+        open_refcache(cfg)
+    with pytest.raises(VbonError, match=pattern):
+        RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg))  # `vbon refcache` refuses to complete it
+
+
+def test_a_changed_tokenizer_or_reward_is_named(tmp_path: Path) -> None:
+    cfg = cache_config(tmp_path)
+    with RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg)) as writer:
+        writer.add(record(i) for i in range(2))
+    tokenizer = tmp_path / "actor" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace("<|endoftext|>", "</s>"))
+    pattern = r"model_content\.reference\.tokenizer\.json: .*; model_content\.tokenizer\.tokenizer\.json: "
+    with pytest.raises(VbonError, match=pattern):
+        open_refcache(cfg)
+
+    reward = cache_fingerprint(cache_config(tmp_path, "reward.function=vader"))["model_content"]["reward"]
+    assert reward["function"] == "vader" and set(reward["packages"]) == {"vaderSentiment"}
+    assert reward["source_sha256"] != cache_fingerprint(cfg)["model_content"]["reward"]["source_sha256"]
+
+
+def test_a_large_weight_file_is_sampled_and_still_sees_a_retrained_tensor(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import vbon_ds.refcache as refcache
+
+    monkeypatch.setattr(refcache, "HEAD_BYTES", 1024)
+    monkeypatch.setattr(refcache, "SAMPLES", 16)
+    monkeypatch.setattr(refcache, "SAMPLE_BYTES", 64)
+    size = 1024 + 64 * 1024  # over HEAD_BYTES + SAMPLES * SAMPLE_BYTES: sampled
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(torch.arange(size, dtype=torch.uint8).numpy().tobytes())
+    weights.write_bytes(data)
+    before = refcache.file_digest(weights)
+    assert before.startswith(f"{size}:")
+    # A "tensor" of size / SAMPLES bytes in the middle, retrained: every byte of it changes.
+    start = size // 2
+    data[start : start + size // 16] = bytes(b ^ 0xFF for b in data[start : start + size // 16])
+    weights.write_bytes(data)
+    assert refcache.file_digest(weights) != before
+
+
+def test_a_hub_model_is_identified_by_its_cached_commit(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        ModelNotDownloaded, match=r"model 'org/tiny' is neither a local path nor in the local"
+    ):
+        checkpoint_content("org/tiny")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert checkpoint_content("org/tiny") == {"hub_commit": "a" * 40}
+    assert checkpoint_content("org/tiny", "model.gguf") == {"hub_commit": "a" * 40, "gguf_file": "model.gguf"}
+    (repo / "refs" / "main").write_text("b" * 40)  # a newer revision downloaded
+    assert checkpoint_content("org/tiny") == {"hub_commit": "b" * 40}
+
+
+def test_a_cache_that_did_not_record_the_models_content_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, range(1))
+    stored = json.loads((tmp_path / FINGERPRINT_FILE).read_text())
+    (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({**stored, "format_version": 2}))
+    with pytest.raises(VbonError, match=r"has format version 2, this vbon_ds reads version 3 \(it does not "
+                       r"record the models' content\); delete .* to rebuild it"):  # fmt: skip
+        RefCache(tmp_path)
+
+
+@pytest.mark.slow
+def test_refcache_loads_a_model_not_downloaded_yet_before_fingerprinting_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from vbon_ds.pipelines import build_refcache
+    from vbon_ds.pipelines.demo import demo_config
+
+    cfg = demo_config("tiny", tmp_path / "run", ["data.max_train_prompts=2", "data.max_eval_prompts=2"])
+    events = []
+    build_engines, fingerprint = build_refcache.build_engines, build_refcache.cache_fingerprint
+    monkeypatch.setattr(build_refcache, "models_downloaded", lambda cfg: False)  # as a hub id not yet cached
+    monkeypatch.setattr(
+        build_refcache, "build_engines", lambda *a, **k: events.append("load") or build_engines(*a, **k)
+    )
+    monkeypatch.setattr(
+        build_refcache, "cache_fingerprint", lambda cfg: events.append("fingerprint") or fingerprint(cfg)
+    )
+    summary = build_refcache.run(cfg)
+    assert events == ["load", "fingerprint"]  # loading downloads it; the loaded engines then sample
+    assert summary.num_prompts == len(open_refcache(cfg))

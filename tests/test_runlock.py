@@ -159,6 +159,42 @@ def test_cli_checks_the_output_dir_before_loading_anything(tmp_path):
 
 
 @pytest.mark.slow
+def test_refcache_checks_its_cache_dir_before_loading_anything(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cache = tmp_path / "file" / "cache"
+    result = subprocess.run(
+        [sys.executable, "-m", "vbon_ds", "refcache", "--config", str(REPO / "launch" / "tldr_vbon.yaml"),
+         "--set", f"train.output_dir={tmp_path / 'run'}", "--set", f"train.refcache_dir={cache}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"vbon: error: train.refcache_dir {cache}: {tmp_path / 'file'} is a file, not a directory"
+    )
+
+
+def test_the_lock_names_the_setting_its_directory_came_from(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with (
+        pytest.raises(VbonError, match=rf"^output_dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
+        run_lock(tmp_path / "file", "vbon sweep", setting="output_dir"),
+    ):
+        pass
+    holder = hold_lock(tmp_path / "run")
+    try:
+        with (
+            pytest.raises(
+                VbonError, match=r"^output_dir .* is in use by vbon train .*use another output_dir$"
+            ),
+            run_lock(tmp_path / "run", "vbon sweep", setting="output_dir"),
+        ):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+@pytest.mark.slow
 def test_cli_refuses_a_second_run_on_the_same_dir(tmp_path):
     holder = hold_lock(tmp_path / "run")
     try:

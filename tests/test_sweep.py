@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from vbon_ds.config import ConfigError, load_config
+from vbon_ds.errors import VbonError
 from vbon_ds.monitor import read_scalars
 from vbon_ds.pipelines.sweep import SweepDriver, load_sweep
 
@@ -31,7 +32,22 @@ def write_sweep(path: Path, runs: list[dict], **top) -> Path:
         ({}, [], "runs: expected a non-empty list"),
         ({}, [{"name": "a"}, {"name": "a"}], "runs[1].name: 'a' is used twice"),
         ({}, [{"name": "a/b"}], "runs[0].name: 'a/b' is not a directory name"),
-        ({}, [{"name": "a", "set": "vbon.n=4"}], "runs[0].set: expected a list of KEY=VALUE strings"),
+        ({}, [{"name": "a", "set": "vbon.n=4"}], "runs[0] (a).set: expected a list of KEY=VALUE strings"),
+        (
+            {},
+            [{"name": "a"}, {"name": "b", "set": ["vbon.n=4", "train.output_dir=/tmp/b"]}],
+            "runs[1] (b).set: train.output_dir is the sweep's to set (each run trains in <output_dir>/runs/",
+        ),
+        (
+            {},
+            [{"name": "a", "set": [" train.refcache_dir = /tmp/c"]}],
+            "runs[0] (a).set: train.refcache_dir is the sweep's to set (every run shares the cache in",
+        ),
+        (
+            {"base": {"preset": "tiny", "set": ["train.refcache_dir=/tmp/c"]}},
+            [{"name": "a"}],
+            "base.set: train.refcache_dir is the sweep's to set",
+        ),
         ({}, [{"name": "a", "sett": []}], "runs[0].sett: unknown key"),
         ({"base": {"preset": "huge"}}, [{"name": "a"}], "base.preset: 'huge' is not allowed"),
         ({"base": {"preset": "tiny", "config": "x.yaml"}}, [{"name": "a"}], "base: give base.preset or"),
@@ -68,6 +84,71 @@ def test_run_configs_are_checked_before_any_work_and_share_one_cache(tmp_path):
     assert cfg == configs["n4"] and cfg.vbon.n == 4
     assert cfg.train.output_dir == str(tmp_path / "sweep" / "runs" / "n4")
     assert cfg.train.refcache_dir == str(tmp_path / "sweep" / "refcache")
+
+
+def test_the_sweeps_directory_is_named_as_its_output_dir(tmp_path):
+    from vbon_ds.pipelines.sweep import run_sweep
+
+    (tmp_path / "file").write_text("x")
+    path = write_sweep(tmp_path / "s.yaml", [{"name": "a"}], output_dir=str(tmp_path / "file" / "sweep"))
+    with pytest.raises(
+        VbonError, match=rf"^output_dir {tmp_path / 'file' / 'sweep'}: .* is a file, not a dir"
+    ):
+        run_sweep(path)
+
+
+def test_a_stage_leaves_no_process_behind(tmp_path):
+    from vbon_ds.pipelines.sweep import _run_to_the_end
+
+    # The stage starts a helper of its own and exits: the helper must not outlive the stage.
+    helper = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', sys.argv[1]]).pid)"
+    log = tmp_path / "stage.log"
+    with log.open("w") as out:
+        code = _run_to_the_end([sys.executable, "-c", helper, "import time; time.sleep(600)"], out)
+    assert code == 0
+    pid = int(log.read_text())
+    wait_for(
+        lambda: not alive(pid), "the stage's helper to be killed", seconds=60
+    )  # SIGKILL takes effect when it runs
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(condition, what: str, seconds: float = 600):
+    """Poll `condition` until it returns something truthy; a deadline only keeps a broken run from hanging."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_stage_dies_with_a_killed_sweep(tmp_path):
+    # A sweep process (here: the function that runs its stages) killed with SIGKILL, which it cannot handle.
+    sweep = (
+        "import sys; from vbon_ds.pipelines.sweep import _run_to_the_end\n"
+        "stage = [sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(600)']\n"
+        "_run_to_the_end(stage, open(sys.argv[1], 'w'))\n"
+    )
+    log = tmp_path / "stage.log"
+    proc = subprocess.Popen([sys.executable, "-c", sweep, str(log)], env=launch_env())
+    try:
+        stage = int(wait_for(lambda: log.exists() and log.read_text().strip(), "the stage to start"))
+        assert alive(stage)
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: not alive(stage), "the stage to die with the sweep", seconds=60)
+    finally:
+        proc.kill()
 
 
 def launch_env() -> dict[str, str]:
@@ -150,6 +231,32 @@ def test_tiny_sweep_reports_a_failed_run_survives_sigterm_and_resumes_without_re
     png = root / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).ndim == 3
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_sweep_kills_its_training_run_and_frees_the_run_lock(tmp_path):
+    from vbon_ds.runlock import LOCK_FILE, run_lock
+
+    base = {"preset": "tiny", "set": ["data.max_train_prompts=4", "logging.progress_bar=false"]}
+    runs = [{"name": "long", "set": ["train.steps=500", "train.checkpoint_every=0"]}]
+    path = write_sweep(tmp_path / "sweep.yaml", runs, base=base)
+    run_dir = tmp_path / "sweep" / "runs" / "long"
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "vbon_ds", "sweep", "--config", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=launch_env(),
+    )  # fmt: skip
+    try:
+        holder = wait_for(lambda: (run_dir / LOCK_FILE).is_file() and (run_dir / LOCK_FILE).read_text(),
+                          "the training run to take its lock")  # fmt: skip
+        trainer = int(holder.split("(pid ")[1].split()[0])
+        assert holder.startswith("vbon train") and alive(trainer)
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        wait_for(lambda: not alive(trainer), "the training run to die with the sweep", seconds=60)
+    finally:
+        sweep.kill()
+    with run_lock(run_dir, "vbon train"):  # the rerun is not refused
+        pass
 
 
 def read_scalars_if_any(events: Path) -> dict:

@@ -1,8 +1,8 @@
 """On-disk cache of reference samples: per prompt, M answers drawn from pi_ref and their rewards.
 
 Layout of `<output_dir>/refcache/`:
-  fingerprint.json                what the samples depend on (models, generation, M, format version),
-                                  written once the first shard is complete
+  fingerprint.json                what the samples depend on (the models' paths and content, generation, M,
+                                  format version), written once the first shard is complete
   shard-rank{r}-{k:05d}.parquet   a chunk of prompts written by rank r; it appears only once complete and
                                   carries a hash of the fingerprint it was made under (checked on read)
 
@@ -17,6 +17,8 @@ resumed run.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -31,12 +33,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 
-from vbon_ds.config import ExperimentConfig
+from vbon_ds.config import ExperimentConfig, RewardConfig
 from vbon_ds.data import load_prompts
 from vbon_ds.errors import VbonError, writing
+from vbon_ds.rewards import get_reward_function
 
-FORMAT_VERSION = 2
+# 3: fingerprint.json records the models' content (model_content); 2 recorded their paths only.
+FORMAT_VERSION = 3
 SETTINGS_KEY = b"vbon_fingerprint_sha256"
 FINGERPRINT_FILE = "fingerprint.json"
 SHARD_GLOB = "shard-rank*-*.parquet"
@@ -110,6 +116,140 @@ def refcache_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.train.refcache_dir or Path(cfg.train.output_dir) / "refcache")
 
 
+# ---------------------------------------------------------------- the models' content
+
+# Small files of a model: its architecture and its generation defaults (EOS ids).
+MODEL_FILES = ("config.json", "generation_config.json")
+# Every tokenizer file format.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+)
+# Weight files in the loader's order of preference: safetensors when there are any, else PyTorch pickles.
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+HEAD_BYTES = 8 << 20  # safetensors' header and a GGUF's metadata (its tokenizer included) lie in the head
+SAMPLES, SAMPLE_BYTES = 1024, 4096
+# Extra packages whose version changes what a registered reward function returns.
+REWARD_PACKAGES = {"vader": ("vaderSentiment",)}
+
+
+class ModelNotDownloaded(VbonError):
+    """A hub model is not in the local Hugging Face cache yet: its revision is known once it is loaded."""
+
+
+def file_digest(path: Path) -> str:
+    """`size:sha256` of a file's content; a file over HEAD_BYTES + SAMPLES * SAMPLE_BYTES is sampled.
+
+    A sampled digest reads the first HEAD_BYTES and SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets
+    (the last block ends the file): about 12 MiB whatever the size, so fingerprinting a 14 GB checkpoint
+    takes a fraction of a second where hashing it whole takes a minute at every job start. Training changes
+    every value of a tensor it updates, so any updated tensor larger than size / SAMPLES (a layer's matrix,
+    not just a norm's vector) changes a sampled block.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if size <= HEAD_BYTES + SAMPLES * SAMPLE_BYTES:
+            digest.update(f.read())
+        else:
+            digest.update(os.pread(f.fileno(), HEAD_BYTES, 0))
+            span = size - HEAD_BYTES - SAMPLE_BYTES
+            for i in range(1, SAMPLES + 1):
+                digest.update(os.pread(f.fileno(), SAMPLE_BYTES, HEAD_BYTES + span * i // SAMPLES))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def _local_content(root: Path, gguf_file: str, weights: bool) -> dict[str, str]:
+    """Digest of each file of a local checkpoint the answers depend on: its tokenizer files, the GGUF file
+    when given (weights and tokenizer in one), and with `weights` the model's small files and weight files."""
+    if root.is_file():  # a checkpoint given as one file
+        return {root.name: file_digest(root)}
+    names = [*TOKENIZER_FILES, *(MODEL_FILES if weights else ())]
+    if gguf_file:
+        names.append(gguf_file)
+    elif weights:
+        found = (sorted(p.name for p in root.glob(pattern)) for pattern in WEIGHT_GLOBS)
+        names += next((files for files in found if files), [])
+    return {name: file_digest(root / name) for name in names if (root / name).is_file()}
+
+
+def checkpoint_content(path: str, gguf_file: str = "", weights: bool = True) -> dict[str, str]:
+    """What identifies a checkpoint's content: file digests of a local directory (see `file_digest`), or
+    the commit a hub id resolves to in the local Hugging Face cache. A git commit identifies every file's
+    content, whichever of them were downloaded, and the lookup needs no network; a new commit on the hub
+    (even one that only edits its README) therefore refuses the cache once it has been downloaded, erring
+    on the safe side. ModelNotDownloaded for a hub id not downloaded yet."""
+    if not path:
+        return {}  # no model given: the loader says so
+    local = Path(path).expanduser()
+    if local.exists():
+        return _local_content(local, gguf_file, weights)
+    try:
+        snapshot = Path(snapshot_download(path, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelNotDownloaded(
+            f"model {path!r} is neither a local path nor in the local Hugging Face cache"
+        ) from None
+    except ValueError as err:  # not a valid hub id either
+        raise VbonError(f"model path {path!r} does not exist and is not a hub id ({err})") from None
+    return {"hub_commit": snapshot.name, **({"gguf_file": gguf_file} if gguf_file else {})}
+
+
+def _reward_content(reward: RewardConfig) -> dict[str, Any]:
+    """The reward's identity: a model's content, or a function's name, source and package versions."""
+    if not reward.function:
+        return checkpoint_content(reward.model) if reward.model else {}
+    function = get_reward_function(reward.function)
+    versions = {}
+    for package in REWARD_PACKAGES.get(reward.function, ()):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "function": reward.function,
+        "source_sha256": hashlib.sha256(inspect.getsource(function).encode()).hexdigest(),
+        "packages": versions,
+    }
+
+
+def models_content(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Content fingerprints of the reference, the tokenizer and the reward (see `checkpoint_content`):
+    a path records where a model is, this records what is there."""
+    model = cfg.model
+    separate_reference = bool(model.reference) and model.reference != model.actor
+    return {
+        "reference": checkpoint_content(
+            model.reference if separate_reference else model.actor,
+            "" if separate_reference else model.gguf_file,
+        ),
+        "tokenizer": checkpoint_content(
+            model.tokenizer or model.actor, "" if model.tokenizer else model.gguf_file, weights=False
+        ),
+        "reward": _reward_content(cfg.reward),
+    }
+
+
+def models_downloaded(cfg: ExperimentConfig) -> bool:
+    """Whether every model of the cache's fingerprint is local (a path, or a hub id already downloaded)."""
+    try:
+        models_content(cfg)
+    except ModelNotDownloaded:
+        return False
+    return True
+
+
+def cache_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the cache of this config records and is checked against: its settings and its models' content."""
+    return {**fingerprint_from_config(cfg), "model_content": models_content(cfg)}
+
+
 def prompt_texts(cfg: ExperimentConfig) -> dict[str, str]:
     """Training and evaluation prompts together, id -> text in source order (an id in both counts once)."""
     texts: dict[str, str] = {}
@@ -121,8 +261,9 @@ def prompt_texts(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def open_refcache(cfg: ExperimentConfig) -> RefCache:
-    """The experiment's cache for reading, refused when it was made under other settings or other prompts."""
-    return RefCache(refcache_dir(cfg), fingerprint_from_config(cfg), prompts=prompt_texts(cfg))
+    """The experiment's cache for reading, refused when it was made under other settings, from models with
+    other content, or for other prompts."""
+    return RefCache(refcache_dir(cfg), cache_fingerprint(cfg), prompts=prompt_texts(cfg))
 
 
 class RefCacheWriter:
@@ -130,7 +271,7 @@ class RefCacheWriter:
 
     A shard is written under a hidden temporary name and renamed when complete, so a crash leaves only whole
     shards behind. Used as a context manager, leaving it (also through an error) writes what is buffered.
-    `fingerprint` must hold `num_ref_samples` (M); see `fingerprint_from_config`.
+    `fingerprint` must hold `num_ref_samples` (M); see `cache_fingerprint`.
     """
 
     def __init__(
@@ -375,16 +516,23 @@ def _load_fingerprint(root: Path) -> dict[str, Any]:
         stored = err
     if not isinstance(stored, dict):
         raise VbonError(f"{path} is corrupt (not a JSON object); delete {root} to rebuild the cache")
-    if stored.get("format_version") != FORMAT_VERSION:
+    version = stored.get("format_version")
+    if version != FORMAT_VERSION:
+        # Version 2 recorded the models' paths, not their content: its samples cannot be tied to the models.
+        why = " (it does not record the models' content)" if version == 2 else ""
         raise VbonError(
-            f"the reference cache in {root} has format version {stored.get('format_version')}, this vbon_ds "
-            f"reads version {FORMAT_VERSION}; delete {root} to rebuild it"
+            f"the reference cache in {root} has format version {version}, this vbon_ds reads version "
+            f"{FORMAT_VERSION}{why}; delete {root} to rebuild it"
         )
     return stored
 
 
+# Where to put a cache made under new settings: train.refcache_dir names it, whether set or not.
+ANOTHER_CACHE = "set train.refcache_dir to another directory"
+
+
 def _check_fingerprint(root: Path, expected: dict[str, Any]) -> None:
-    stored = _load_fingerprint(root)
+    stored, expected = _flat(_load_fingerprint(root)), _flat(expected)
     absent = "<absent>"
     differing = [
         f"{key}: cached {stored.get(key, absent)!r}, now {expected.get(key, absent)!r}"
@@ -394,8 +542,19 @@ def _check_fingerprint(root: Path, expected: dict[str, Any]) -> None:
     if differing:
         raise VbonError(
             f"the reference cache in {root} was made with other settings ({'; '.join(differing)}); "
-            f"use another train.output_dir, or delete {root} to rebuild it"
+            f"{ANOTHER_CACHE}, or delete {root} to rebuild it"
         )
+
+
+def _flat(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level, keys joined with '.', so that a mismatch names the file that differs."""
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, Mapping) and item:
+            flat.update(_flat(item, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = item
+    return flat
 
 
 def _check_texts(
@@ -406,7 +565,7 @@ def _check_texts(
         if expected is not None and pid in expected and expected[pid] != text:
             raise VbonError(
                 f"reference cache shard {path}: prompt {pid!r} was cached for another text ({text[:40]!r}, "
-                f"now {expected[pid][:40]!r}); use another train.output_dir, or delete {root} to rebuild"
+                f"now {expected[pid][:40]!r}); {ANOTHER_CACHE}, or delete {root} to rebuild"
             )
 
 

@@ -27,26 +27,31 @@ LOCK_FILE = ".vbon.lock"
 _held: dict[tuple[Path, str], list[int]] = {}
 
 
-def prepare_output_dir(output_dir: str | Path) -> Path:
-    """Create `output_dir` (and parents) or raise a one-line VbonError saying why it cannot be used."""
+def prepare_output_dir(output_dir: str | Path, setting: str = "train.output_dir") -> Path:
+    """Create `output_dir` (and parents) or raise a one-line VbonError saying why it cannot be used.
+
+    `setting` names the field the directory came from in that message (e.g. train.refcache_dir).
+    """
     path = Path(output_dir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
-        raise VbonError(f"train.output_dir {path}: {blocker} is a file, not a directory") from None
+        raise VbonError(f"{setting} {path}: {blocker} is a file, not a directory") from None
     except OSError as err:
-        raise VbonError(f"train.output_dir {path}: cannot create it ({err.strerror})") from None
+        raise VbonError(f"{setting} {path}: cannot create it ({err.strerror})") from None
     return path
 
 
-def _acquire(output_dir: str | Path, command: str, name: str = LOCK_FILE, shared: bool = False) -> int:
-    path = prepare_output_dir(output_dir)
+def _acquire(
+    output_dir: str | Path, command: str, setting: str, name: str = LOCK_FILE, shared: bool = False
+) -> int:
+    path = prepare_output_dir(output_dir, setting)
     lock = path / name
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        raise VbonError(f"train.output_dir {path} is not writable ({err.strerror})") from None
+        raise VbonError(f"{setting} {path} is not writable ({err.strerror})") from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as err:
@@ -55,8 +60,7 @@ def _acquire(output_dir: str | Path, command: str, name: str = LOCK_FILE, shared
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise VbonError(f"cannot lock {lock} ({err.strerror})") from None
         raise VbonError(
-            f"train.output_dir {path} is in use by {holder}; wait for that run to end, or use another "
-            "train.output_dir"
+            f"{setting} {path} is in use by {holder}; wait for that run to end, or use another {setting}"
         ) from None
     since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     os.ftruncate(fd, 0)  # shared holders overwrite each other: the file names one of them
@@ -65,13 +69,16 @@ def _acquire(output_dir: str | Path, command: str, name: str = LOCK_FILE, shared
 
 
 @contextlib.contextmanager
-def run_lock(output_dir: str | Path, command: str, part: str = "") -> Iterator[None]:
+def run_lock(
+    output_dir: str | Path, command: str, part: str = "", setting: str = "train.output_dir"
+) -> Iterator[None]:
     """Hold the output directory's lock for `command` (e.g. "vbon train") while the block runs.
 
     Rank 0 takes it (RANK, or the process group's rank); nested use in one process is allowed. With `part`
     (a job-array task's share of the work, e.g. "refcache-part-0-of-4") the directory's lock is shared with
     the other parts and only the part's own lock is exclusive: the parts run side by side, while a whole run
-    waits for none of them and is refused.
+    waits for none of them and is refused. Errors name the directory as `setting` (the sweep's directory is
+    its sweep file's `output_dir`).
     """
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     key = (Path(output_dir).expanduser().resolve(), part)
@@ -81,15 +88,15 @@ def run_lock(output_dir: str | Path, command: str, part: str = "") -> Iterator[N
             if key in _held:
                 _held[key][1] += 1
             elif part:
-                own = _acquire(output_dir, command, name=f"{LOCK_FILE}.{part}")  # first: a refused
+                own = _acquire(output_dir, command, setting, name=f"{LOCK_FILE}.{part}")  # first: a refused
                 try:  # attempt leaves the directory's lock file naming its holders
-                    shared = _acquire(output_dir, command, shared=True)
+                    shared = _acquire(output_dir, command, setting, shared=True)
                 except VbonError:
                     os.close(own)
                     raise
                 _held[key] = [shared, 1, own]
             else:
-                _held[key] = [_acquire(output_dir, command), 1]
+                _held[key] = [_acquire(output_dir, command, setting), 1]
         except VbonError as err:
             error = str(err)
     if dist.is_initialized():

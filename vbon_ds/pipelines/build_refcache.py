@@ -25,13 +25,14 @@ from vbon_ds.refcache import (
     CacheSummary,
     RefCacheWriter,
     RefRecord,
+    cache_fingerprint,
     done_prompt_ids,
-    fingerprint_from_config,
+    models_downloaded,
     prompt_texts,
     refcache_dir,
     validate_cache,
 )
-from vbon_ds.runlock import run_lock
+from vbon_ds.runlock import prepare_output_dir, run_lock
 
 
 def all_prompts(cfg: ExperimentConfig) -> PromptSet:
@@ -57,6 +58,7 @@ def run(cfg: ExperimentConfig, part: tuple[int, int] = (0, 1)) -> CacheSummary:
     share = f"refcache-part-{part[0]}-of-{part[1]}" if part[1] > 1 else ""
     command = f"vbon refcache --part {part[0]}/{part[1]}" if share else "vbon refcache"
     with run_lock(cfg.train.output_dir, command, share):
+        prepare_output_dir(refcache_dir(cfg), "train.refcache_dir")
         check_models_fit(cfg)
         return _fill(cfg, part)
 
@@ -69,10 +71,15 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
     prompts = all_prompts(cfg)
     share = part_indices(len(prompts.ids), part)
     m = cfg.vbon.num_ref_samples
+    # A hub model not downloaded yet has no known content: loading it downloads it. Ranks decide together,
+    # so that all of them build the engines (collectives) or none.
+    engines = None
+    if not all(distributed.all_gather_object(models_downloaded(cfg))):
+        engines = build_engines(cfg, reference=True, scorer=True)
     # The writer checks the fingerprint before anything is sampled; then every rank sees the same done set.
     writer = RefCacheWriter(
         root,
-        fingerprint_from_config(cfg),
+        cache_fingerprint(cfg),
         rank=writer_id,
         chunk_size=cfg.train.refcache_shard_prompts,
     )
@@ -84,7 +91,7 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
     if not todo:  # a rerun of a complete cache, or the merge job after a job array: no model to load
         return _validated(root, expected, part)
 
-    engines = build_engines(cfg, reference=True, scorer=True)
+    engines = engines or build_engines(cfg, reference=True, scorer=True)
     # generation.batch_size counts answers per generate call; each prompt needs M of them.
     prompts_per_call = max(1, cfg.generation.batch_size // m)
 

@@ -4,9 +4,10 @@
     -> one `vbon evaluate` of all finished runs + the BoN(n) curve -> <output_dir>/frontier.{json,md,png}
 
 Each stage is a subprocess (`python -m vbon_ds ...`, or behind `launcher`, e.g. `torchrun --nproc_per_node 2`)
-logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on. Rerunning the
-sweep resumes it: the cache is only completed, a run whose training finished (its latest verified checkpoint
-is at train.steps and final/ exists) is not started again, an interrupted one resumes from its checkpoint.
+logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on; it dies with
+the sweep, however the sweep ends (see `_run_to_the_end`). Rerunning the sweep resumes it: the cache is only
+completed, a run whose training finished (its latest verified checkpoint is at train.steps and final/
+exists) is not started again, an interrupted one resumes from its checkpoint.
 Layout of <output_dir>: base.yaml (the base experiment, resolved), configs/<name>.yaml (each run's config),
 refcache/ (the shared cache; its lock and its job's files), runs/<name>/ (checkpoints, tensorboard/, final/),
 logs/, status.json (each stage's outcome and wall time), frontier.{json,md,png}.
@@ -22,11 +23,16 @@ The sweep YAML:
       set: [generation.eval_samples=8]  # --set overrides of the evaluation only
     runs:                             # name (letters, digits, . _ -) + --set overrides, one per point
       - {name: vbon_n4, set: [vbon.n=4]}
+
+The sweep places every run and the cache: train.output_dir and train.refcache_dir are refused in any `set`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
 import re
 import shlex
 import shutil
@@ -34,6 +40,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +53,14 @@ from vbon_ds.errors import VbonError, writing
 from vbon_ds.refcache import fingerprint_from_config, open_refcache, prompt_texts
 from vbon_ds.runlock import run_lock
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TOP_KEYS = ("output_dir", "base", "launcher", "evaluate", "runs")
+# Paths every stage gets from the sweep: an override of them would be replaced, so it is refused.
+SWEEP_PATHS = {
+    "train.output_dir": "each run trains in <output_dir>/runs/<name>",
+    "train.refcache_dir": "every run shares the cache in <output_dir>/refcache",
+}
 
 
 @dataclass
@@ -85,6 +98,13 @@ def _overrides(value: Any, where: str) -> list[str]:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
         raise ConfigError(f"{where}: expected a list of KEY=VALUE strings, got {value!r}")
+    for override in value:
+        key = override.split("=", 1)[0].strip()
+        if key in SWEEP_PATHS:
+            raise ConfigError(
+                f"{where}: {key} is the sweep's to set ({SWEEP_PATHS[key]}); remove it, or change the "
+                "sweep file's output_dir"
+            )
     return value
 
 
@@ -146,7 +166,7 @@ def load_sweep(path: str | Path) -> Sweep:
         if name in seen:
             raise ConfigError(f"runs[{i}].name: {name!r} is used twice")
         seen.add(name)
-        runs.append(SweepRun(name, _overrides(entry.get("set"), f"runs[{i}].set")))
+        runs.append(SweepRun(name, _overrides(entry.get("set"), f"runs[{i}] ({name}).set")))
     return Sweep(
         output_dir=Path(output_dir).expanduser().resolve(),
         runs=runs,
@@ -236,6 +256,11 @@ class SweepDriver:
         head = self.sweep.launcher or [sys.executable]
         return [*head, "-m", "vbon_ds", *args]
 
+    def death_signal(self) -> int:
+        """What a stage gets when the sweep is killed: SIGKILL, which ends it at once and frees its run lock;
+        a launcher gets SIGTERM instead, on which it stops its workers (they are not in its process group)."""
+        return signal.SIGTERM if self.sweep.launcher else signal.SIGKILL
+
     def stage(self, name: str, args: list[str], what: str) -> bool:
         """Run one stage, its output in logs/<name>.log; record how it went; True when it succeeded."""
         stage = self.stages.setdefault(name, Stage(name))
@@ -250,7 +275,7 @@ class SweepDriver:
             out.write(f"$ {shlex.join(self.command(*args))}\n")
             out.flush()
             try:
-                code = _run_to_the_end(self.command(*args), out)
+                code = _run_to_the_end(self.command(*args), out, self.death_signal())
             except (KeyboardInterrupt, VbonError):
                 stage.status, stage.seconds = "stopped", round(time.monotonic() - start, 1)
                 self.save_status()
@@ -325,10 +350,22 @@ class SweepDriver:
         return trained
 
 
-def _run_to_the_end(command: list[str], out: Any) -> int:
-    """Run a stage; on Ctrl-C (which the stage gets too) or SIGTERM (passed on to it) wait until it stops
-    by itself, so a training run checkpoints at its next step boundary, then stop the sweep."""
-    proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+def _run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIGKILL) -> int:
+    """Run a stage; on Ctrl-C or SIGTERM (passed on to it) wait until it stops by itself, so a training run
+    checkpoints at its next step boundary, then stop the sweep.
+
+    The stage dies with the sweep: it runs in its own process group (so the terminal's Ctrl-C reaches the
+    sweep only, which passes it on), the group is killed whenever this returns or raises, and if the sweep
+    itself is killed (SIGKILL, which no handler sees) the kernel sends the stage `death_signal`.
+    """
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,  # outside the terminal's foreground group a read would stop it (SIGTTIN)
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(death_signal),
+    )
     stopped: list[int] = []
 
     def pass_on(signum: int, frame: object) -> None:
@@ -343,6 +380,7 @@ def _run_to_the_end(command: list[str], out: Any) -> int:
             print(
                 "sweep: interrupted; the running stage stops at its next checkpoint (Ctrl-C again: kill it)"
             )
+            proc.send_signal(signal.SIGINT)
             try:
                 proc.wait()
             except KeyboardInterrupt:
@@ -351,9 +389,37 @@ def _run_to_the_end(command: list[str], out: Any) -> int:
             raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _kill_group(proc)
     if stopped:
         raise VbonError("sweep: stopped by SIGTERM; rerun `vbon sweep` to resume it")
     return code
+
+
+def _die_with_parent(death_signal: int) -> Callable[[], None] | None:
+    """A Popen preexec_fn asking Linux to send the child `death_signal` when the sweep's main thread (the
+    one that starts every stage) ends; None where there is no prctl (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, death_signal)
+        if os.getppid() != parent:  # the sweep died before the request was in place
+            os.kill(os.getpid(), death_signal)
+
+    return arm
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill what is left of a stage's process group (its leader has been waited for, or is being killed)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _write_config(path: Path, cfg: ExperimentConfig) -> None:
@@ -372,7 +438,7 @@ def _last_error(log: Path) -> str:
 def run_sweep(path: str | Path) -> None:
     """Load the sweep file, hold the sweep directory's lock, run every stage, report."""
     sweep = load_sweep(path)
-    with run_lock(sweep.output_dir, "vbon sweep"):
+    with run_lock(sweep.output_dir, "vbon sweep", setting="output_dir"):
         driver = SweepDriver(sweep)
         trained = driver.run()
     failed = [s.name for s in driver.stages.values() if s.status == "failed"]

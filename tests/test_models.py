@@ -189,7 +189,7 @@ def test_hub_ids_resolve_from_the_cache_or_fail_in_one_line_without_retries(acto
     _cache_as_hub_id(actor_dir, tmp_path, "vbon-test/cached-tiny")
     cached = _load_config_cli("vbon-test/cached-tiny", tmp_path, **env)
     assert cached.returncode == 0, cached.stderr[-2000:]
-    assert cached.stdout.strip() == "llama"
+    assert cached.stdout.strip() == "llama" and "Retry" not in cached.stderr
 
     missing = _load_config_cli("vbon-test/never-downloaded", tmp_path, **env)
     assert "Retry" not in missing.stderr and "thrown while requesting" not in missing.stderr

@@ -51,6 +51,18 @@ def test_cli_prints_the_plan_and_its_exit_codes(models, tmp_path):
     assert "train.prompts_per_step: 8 is not divisible by the world size 3" in bad.stderr
 
 
+@pytest.mark.slow
+def test_cli_answers_at_once_when_the_hub_does_not(tmp_path):
+    """The TL;DR recipe names hub ids; with the hub unreachable (loopback port 9 refuses), the plan comes from
+    the built-in table without the hub libraries' retries (98 s before; the timeout only guards a hang)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}
+    run = [sys.executable, "-m", "vbon_ds", "plan", "--config", "launch/tldr_vbon.yaml", "--world-size", "8"]
+    result = subprocess.run(run, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: model shapes from the built-in Pythia table (hub unreachable)" in result.stdout
+    assert "Retry" not in result.stderr and "thrown while requesting" not in result.stderr
+
+
 def test_offload_lora_and_frozen_layers_in_the_arithmetic(models):
     actor, reward = models
     base = [

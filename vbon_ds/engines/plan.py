@@ -158,7 +158,7 @@ class MemoryPlan:
     dtype: str
     engines: list[EngineMemory]
     notes: list[str]
-    on_policy: bool = True
+    on_policy: bool
     """Whether a step samples rollouts (ppo, rloo) rather than reading cached answers (offline baselines)."""
 
     @property

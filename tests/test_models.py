@@ -227,3 +227,29 @@ def test_the_hub_is_asked_once_per_process_and_never_under_hf_hub_offline(monkey
     with pytest.raises(VbonError, match="HF_HUB_OFFLINE is set"):
         load_tokenizer("vbon-test/never-downloaded")
     assert asked == ["http://127.0.0.1:9"]
+
+
+def test_a_hub_dataset_is_read_offline_when_the_hub_does_not_answer(monkeypatch):
+    import datasets
+
+    from vbon_ds.config import DataConfig
+    from vbon_ds.data import load_prompts
+
+    offline_while_loading = []
+
+    def cache_miss(source):
+        offline_while_loading.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError(f"Couldn't find '{source}' in the cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_miss)
+    monkeypatch.setattr(
+        "vbon_ds.models.hub_unavailable", lambda: "the hub at http://127.0.0.1:9 does not answer"
+    )
+    with pytest.raises(VbonError) as err:
+        load_prompts(DataConfig(source="vbon-test/never-downloaded"), "train")
+    assert offline_while_loading == [True]  # the cache only: no retries
+    assert str(err.value).startswith(
+        "cannot load data.source 'vbon-test/never-downloaded': it is not in the local Hugging Face cache and "
+        "the hub at http://127.0.0.1:9 does not answer"
+    )
+    assert "`hf download vbon-test/never-downloaded --repo-type dataset`" in str(err.value)

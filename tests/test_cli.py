@@ -138,3 +138,22 @@ def test_main_leaves_the_process_group_it_joined_and_keeps_one_it_found(when, le
     )
     assert result.returncode == 0, result.stderr
     assert f"initialized after main: {left}" in result.stdout
+
+
+@pytest.mark.parametrize("size", ["-3", "0", "nan", "inf", "eighty"])
+def test_plan_refuses_a_card_size_that_is_not_a_positive_number(size, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", "launch/tldr_vbon.yaml", "--world-size", "8", "--gpu-memory-gb", size])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"argument --gpu-memory-gb: expected the memory of one card in GB (> 0), got {size!r}" in err
+
+
+def test_plan_help_documents_its_exit_codes(capsys):
+    from vbon_ds.cli import PLAN_DOES_NOT_FIT
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{PLAN_DOES_NOT_FIT} does not fit" in help_text and "2 config error" in help_text

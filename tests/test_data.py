@@ -102,6 +102,7 @@ def test_hub_id_goes_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> No
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": TRAIN}), "test": None})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr("vbon_ds.models.hub_unavailable", lambda: "")  # the hub answers (no offline mode)
     assert load("owner/prompts")[0] == TRAIN
     with pytest.raises(
         VbonError, match=r"'owner/typo' is not a local file .* failed: Dataset 'owner/typo' doesn't"

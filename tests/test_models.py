@@ -1,6 +1,10 @@
 """Model and tokenizer loading by path, and the errors a user gets for bad inputs."""
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +152,104 @@ def actor_dir_of(tmp_path: Path) -> Path:
     config.n_positions = 1024
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
     return tmp_path / "long"
+
+
+# ---------------------------------------------------------------- hub ids on machines without network
+
+
+def _cache_as_hub_id(model_dir: Path, hf_home: Path, hub_id: str) -> None:
+    """Lay `model_dir` out in a Hugging Face cache under `hf_home` as `hub_id` (what a download leaves)."""
+    repo = hf_home / "hub" / f"models--{hub_id.replace('/', '--')}"
+    revision = "0" * 40
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+
+def _load_config_cli(hub_id: str, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
+    """`load_model_config(hub_id)` in a fresh process with its own cache; the timeout only guards a hang
+    (the hub libraries' own retries take about 25 s a file)."""
+    code = f"from vbon_ds.models import load_model_config; print(load_model_config({hub_id!r}).model_type)"
+    environ = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "the hub at http://127.0.0.1:9 does not answer"),
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ],
+    ids=["unreachable", "offline"],
+)
+def test_hub_ids_resolve_from_the_cache_or_fail_in_one_line_without_retries(actor_dir, tmp_path, env, reason):
+    _cache_as_hub_id(actor_dir, tmp_path, "vbon-test/cached-tiny")
+    cached = _load_config_cli("vbon-test/cached-tiny", tmp_path, **env)
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert cached.stdout.strip() == "llama" and "Retry" not in cached.stderr
+
+    missing = _load_config_cli("vbon-test/never-downloaded", tmp_path, **env)
+    assert "Retry" not in missing.stderr and "thrown while requesting" not in missing.stderr
+    last = missing.stderr.strip().splitlines()[-1]
+    assert last.startswith("vbon_ds.errors.VbonError: cannot load model config 'vbon-test/never-downloaded'")
+    assert f"not in the local Hugging Face cache and {reason}" in last
+    assert "hf download vbon-test/never-downloaded" in last and "HF_HUB_OFFLINE=1" in last
+
+
+def test_the_hub_is_asked_once_per_process_and_never_under_hf_hub_offline(monkeypatch):
+    import urllib.error
+
+    import huggingface_hub.constants
+
+    from vbon_ds import models
+
+    asked = []
+
+    def refuse(request, timeout):
+        asked.append(request.full_url)
+        raise urllib.error.URLError("connection refused")
+
+    monkeypatch.setattr(models.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    models._endpoint_silent.cache_clear()
+    for load in (models.load_model_config, load_tokenizer, models.load_model_config):
+        with pytest.raises(VbonError, match=r"the hub at http://127\.0\.0\.1:9 does not answer"):
+            load("vbon-test/never-downloaded")
+    assert asked == ["http://127.0.0.1:9"]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only while loading
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:10")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(VbonError, match="HF_HUB_OFFLINE is set"):
+        load_tokenizer("vbon-test/never-downloaded")
+    assert asked == ["http://127.0.0.1:9"]
+
+
+def test_a_hub_dataset_is_read_offline_when_the_hub_does_not_answer(monkeypatch):
+    import datasets
+
+    from vbon_ds.config import DataConfig
+    from vbon_ds.data import load_prompts
+
+    offline_while_loading = []
+
+    def cache_miss(source):
+        offline_while_loading.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError(f"Couldn't find '{source}' in the cache")
+
+    monkeypatch.setattr(datasets, "load_dataset", cache_miss)
+    monkeypatch.setattr(
+        "vbon_ds.models.hub_unavailable", lambda: "the hub at http://127.0.0.1:9 does not answer"
+    )
+    with pytest.raises(VbonError) as err:
+        load_prompts(DataConfig(source="vbon-test/never-downloaded"), "train")
+    assert offline_while_loading == [True]  # the cache only: no retries
+    assert str(err.value).startswith(
+        "cannot load data.source 'vbon-test/never-downloaded': it is not in the local Hugging Face cache and "
+        "the hub at http://127.0.0.1:9 does not answer"
+    )
+    assert "`hf download vbon-test/never-downloaded --repo-type dataset`" in str(err.value)

@@ -1,9 +1,11 @@
-"""The `vbon` command: one subcommand per pipeline. Errors a user can fix print one line and exit 2."""
+"""The `vbon` command: one subcommand per pipeline. Errors a user can fix print one line and exit 2;
+`vbon plan` exits 3 when the run does not fit the card."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -65,11 +67,26 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _cmd_plan(args: argparse.Namespace) -> None:
+PLAN_DOES_NOT_FIT = 3
+"""`vbon plan`'s exit code when the estimate exceeds the card (2 stays for config errors)."""
+
+
+def _card_size(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected the memory of one card in GB (> 0), got {text!r}")
+    return value
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
     from vbon_ds.engines.plan import format_plan, memory_plan
 
     plan = memory_plan(load_config(args.config, args.overrides), args.world_size)
     print(format_plan(plan, args.gpu_memory_gb))
+    return 0 if plan.fits(args.gpu_memory_gb) else PLAN_DOES_NOT_FIT
 
 
 def _pipeline(module: str) -> Callable[[argparse.Namespace], None]:
@@ -165,14 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     refcache.set_defaults(func=_cmd_refcache)
 
     plan = sub.add_parser(
-        "plan", help="memory per GPU of each engine at a world size (exit 2: batch sizes do not divide)"
+        "plan",
+        help=f"memory per GPU of each engine at a world size (exit {PLAN_DOES_NOT_FIT}: does not fit)",
+        description="Estimate the memory per GPU of each engine `vbon train` builds for this config.",
+        epilog=f"exit status: 0 fits the card, {PLAN_DOES_NOT_FIT} does not fit, 2 config error (e.g. batch "
+        "sizes that do not divide the world size)",
     )
     _add_config_args(plan)
     plan.add_argument(
         "--world-size", type=_positive_int, required=True, metavar="W", help="number of GPUs (ranks)"
     )
     plan.add_argument(
-        "--gpu-memory-gb", type=float, default=80.0, metavar="GB", help="memory of one card, GiB (default 80)"
+        "--gpu-memory-gb",
+        type=_card_size,
+        default=80.0,
+        metavar="GB",
+        help="memory of one card, GiB (default 80)",
     )
     plan.set_defaults(func=_cmd_plan)
 
@@ -225,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     try:
-        args.func(args)
+        code = args.func(args)  # None, or a command's own exit status (`vbon plan`: does not fit)
     except VbonError as err:
         print(f"vbon: error: {err}", file=sys.stderr)
         return 2
@@ -238,4 +263,4 @@ def _dispatch(args: argparse.Namespace) -> int:
         where = f" while writing {err.filename}" if err.filename else ""
         print(f"vbon: error: no space left on device{where} ({os.strerror(err.errno)})", file=sys.stderr)
         return 2
-    return 0
+    return code or 0

@@ -223,13 +223,18 @@ def _dataset_table(ds: Any, name: str, data: DataConfig) -> _Table:
 def _hub_splits(data: DataConfig) -> dict[str, Callable[[], list[_Table]]]:
     import datasets
 
-    try:
-        obj = datasets.load_dataset(data.source)
-    except Exception as err:  # unknown id, no network, gated data: all mean the same thing to the user
-        raise VbonError(
-            f"data.source {data.source!r} is not a local file or directory, and loading it as a hub dataset "
-            f"failed: {err}"
-        ) from None
+    from vbon_ds.models import hub_cache_only, not_cached_error
+
+    with hub_cache_only() as offline_reason:  # no network: the cached copy, or one line at once
+        try:
+            obj = datasets.load_dataset(data.source)
+        except Exception as err:  # unknown id, no network, gated data: all mean the same thing to the user
+            if offline_reason:
+                raise not_cached_error("data.source", data.source, offline_reason, "dataset") from None
+            raise VbonError(
+                f"data.source {data.source!r} is not a local file or directory, and loading it as a hub "
+                f"dataset failed: {err}"
+            ) from None
     return _dataset_splits(obj, data.source, data)
 
 

@@ -2,16 +2,28 @@
 
 Every loader turns "not found / not loadable" into a `VbonError` naming the path. Custom modelling code runs
 only with `trust_remote_code=True`; local directories holding safetensors load from them (never pickles).
+
+Offline machines: before a hub id is resolved, `hub_unavailable` asks the hub once per process (one request,
+no retries; none at all under HF_HUB_OFFLINE=1). When it does not answer, the Hugging Face libraries run in
+offline mode (the local cache only) instead of retrying each file for a minute and a half, and an id that is
+not cached fails at once with one line saying what to do.
 The engines call these loaders while a DeepSpeed ZeRO-3 config is alive, which makes Hugging Face's
 `from_pretrained` partition the weights as they load.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import torch
 from transformers import (
     AutoConfig,
@@ -28,6 +40,61 @@ from vbon_ds.errors import VbonError
 
 # "gpt2" or "org/name": what the hub accepts; anything else that does not exist locally is a typo'd path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long the one request that checks the hub may take (a firewall that drops packets never refuses)."""
+
+
+@functools.cache
+def _endpoint_silent(endpoint: str) -> bool:
+    """Whether one HEAD request to `endpoint` gets no HTTP answer at all (memoised: asked once a process)."""
+    request = urllib.request.Request(endpoint, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return False  # an error status is still an answer
+    except (OSError, ValueError):  # DNS, refused, timeout, TLS; ValueError: a malformed HF_ENDPOINT
+        return True
+    return False
+
+
+def hub_unavailable() -> str:
+    """Why the Hugging Face hub cannot be used by this process ("" when it can): HF_HUB_OFFLINE is set, or
+    the endpoint (HF_ENDPOINT) did not answer the one quick request made to check it."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = huggingface_hub.constants.ENDPOINT
+    return f"the hub at {endpoint} does not answer" if _endpoint_silent(endpoint) else ""
+
+
+@contextlib.contextmanager
+def hub_cache_only() -> Iterator[str]:
+    """Run hub lookups from the local cache alone when the hub is unavailable (no network, hence no retries);
+    yields the reason ("" when the hub answers and lookups go online as usual)."""
+    reason = hub_unavailable()
+    # transformers and huggingface_hub read this flag at call time, datasets from its own copy.
+    flags = [(huggingface_hub.constants, "HF_HUB_OFFLINE")]
+    if "datasets" in sys.modules:
+        flags.append((sys.modules["datasets"].config, "HF_HUB_OFFLINE"))
+    saved = [getattr(module, name) for module, name in flags]
+    try:
+        if reason:
+            for module, name in flags:
+                setattr(module, name, True)
+        yield reason
+    finally:
+        for (module, name), value in zip(flags, saved, strict=True):
+            setattr(module, name, value)
+
+
+def not_cached_error(what: str, hub_id: str, reason: str, repo_type: str = "model") -> VbonError:
+    """The one-line error for a hub id that is not in the local cache while the hub is unavailable."""
+    download = f"hf download {hub_id}" + (f" --repo-type {repo_type}" if repo_type != "model" else "")
+    return VbonError(
+        f"cannot load {what} {hub_id!r}: it is not in the local Hugging Face cache and {reason}; give a "
+        f"local path instead, or download it where there is network (`{download}`) into the cache this "
+        "machine reads (HF_HOME), and set HF_HUB_OFFLINE=1 on machines without network"
+    )
 
 
 def _source(path: str, gguf_file: str) -> dict[str, Any]:
@@ -46,12 +113,17 @@ def _source(path: str, gguf_file: str) -> dict[str, Any]:
 
 
 def _load(loader: Any, path: str, what: str, gguf_file: str = "", **kwargs: Any) -> Any:
-    try:
-        loaded = loader.from_pretrained(**_source(path, gguf_file), **kwargs)
-    except (OSError, ValueError) as err:
-        # Hub/network misses and malformed checkpoints: one line naming what failed, the cause after it.
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VbonError(f"cannot load {what} from {path!r}: {first_line}") from err
+    source = _source(path, gguf_file)
+    from_hub = not Path(path).expanduser().exists()
+    with hub_cache_only() if from_hub else contextlib.nullcontext("") as offline_reason:
+        try:
+            loaded = loader.from_pretrained(**source, **kwargs)
+        except (OSError, ValueError) as err:
+            if offline_reason:
+                raise not_cached_error(what, path, offline_reason) from err
+            # Hub misses and malformed checkpoints: one line naming what failed, the cause after it.
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise VbonError(f"cannot load {what} from {path!r}: {first_line}") from err
     if gguf_file and isinstance(loaded, PreTrainedModel):
         # GGUF weights arrive de-quantized in `dtype`, yet transformers keeps the model tagged as quantized
         # and then refuses save_pretrained: drop the tag so checkpoints and the final export work as usual.

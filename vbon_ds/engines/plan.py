@@ -3,6 +3,11 @@
     plan = memory_plan(cfg, world_size=8)   # raises the batch-arithmetic ConfigError when W does not fit
     print(format_plan(plan, gpu_memory_gb=80))
 
+The engines are the ones `vbon train` builds for algo.name, decided by the same function
+(vbon_ds.pipelines.engines.training_needs; the one import from the pipelines layer): ppo = actor, reference,
+reward, critic; rloo = actor, reference, reward; the offline baselines (bon_sft, dpo, ipo, bonbon) = actor and
+reference, with no rollout and no scoring phase (their answers and rewards come from the reference cache).
+
 Model shapes come from the checkpoints' configs (AutoConfig: no weights are loaded; a hub id needs the
 network) and, when the hub is unreachable, from a built-in table of the Pythia configs the TL;DR recipes use.
 Parameter counts are exact: each model is built on the meta device with the run's trainable subset
@@ -12,22 +17,32 @@ Per engine and GPU, in the run's dtype (bfloat16 under model.dtype=auto on a GPU
 - parameters: ZeRO-3 keeps ceil(n / W) elements of each tensor per rank, plus a whole copy of the tensors
   under stage3_param_persistence_threshold; lower stages keep every parameter on every rank. Offloaded
   parameters (offload_param, deepspeed.reference_offload) use no GPU memory.
-- gradients (trainable parameters): ZeRO-2/3 keep this rank's partition, ZeRO-0/1 all of them.
-- optimizer states: fp32 master copy + Adam's two moments (12 bytes an element; 8 at ZeRO-0 in fp32),
-  partitioned from ZeRO-1 on; none on the GPU with offload_optimizer.
+- gradients (trainable parameters), in the run's dtype: ZeRO-2/3 keep this rank's partition, ZeRO-0/1 all.
+- fp32 gradients: the optimizer step's fp32 copy of those gradients (4 bytes an element of the partition),
+  wherever there is an fp32 master copy.
+- optimizer states: fp32 master copy + Adam's two moments (12 bytes an element; 8 at ZeRO-0 in fp32, where
+  the weights are the master copy), partitioned from ZeRO-1 on; none on the GPU with offload_optimizer.
+  With 16-bit weights that is DeepSpeed's 18 bytes per trainable parameter and rank (2 16-bit gradients +
+  4 fp32 gradients + 4 fp32 master + 8 Adam) next to the 16-bit weights, as its estimators count them
+  (estimate_zero2_model_states_mem_needs; tests/test_plan.py checks the figures against them, and against
+  the tensors a 2-rank ZeRO-2 and ZeRO-3 engine holds).
 - activations of one micro-batch (train.micro_batch_size sequences of max_prompt_tokens + max_new_tokens):
   34 s b h bytes per layer at 16 bits (Korthikanti et al. 2022, with SDPA attention keeping no s x s scores)
   for each layer backward reaches (the top model.trainable_layers only when the layers below are frozen);
-  with gradient checkpointing, each such layer's input (2 s b h bytes) plus one layer recomputed. Frozen
-  engines: one layer's forward at their batch (micro-batch; reward.batch_size for the reward model).
-- generation: the KV cache of generation.batch_size sequences, and under ZeRO-3 with generation.gather_params
-  the whole actor gathered for the call.
+  with gradient checkpointing, each such layer's input (2 s b h bytes) plus one layer recomputed. The pair
+  losses (dpo, ipo, bonbon) hold two graphs, chosen and rejected, until their backward. Frozen engines: one
+  layer's forward at their batch (micro-batch; reward.batch_size for the reward model).
+- generation (on-policy algorithms): the KV cache of generation.batch_size sequences, and under ZeRO-3 with
+  generation.gather_params the whole actor gathered for the call.
 - gathered working set: ZeRO-3 gathers the largest layer plus a prefetch bucket during forward/backward, and
   the fused log-prob kernel the whole lm head.
+- backward gradients: ZeRO-2/3 reduce-scatter gradients as backward produces them, so the full-size
+  gradients of the largest trained layer and of the lm head exist at once before their partitions are kept
+  (with the gathered layer, DeepSpeed's "4 x the largest layer" of ZeRO-3).
 
-The total is what stays resident (parameters, gradients, optimizer states of every engine) plus the largest
-transient need of one phase (rollout, scoring, training): an estimate, not a measurement; allocator
-fragmentation and communication buckets come on top (hence a 10% margin against the card).
+The total is what stays resident (parameters, gradients, fp32 gradients, optimizer states of every engine)
+plus the largest transient need of one phase (rollout, scoring, training): an estimate, not a measurement;
+allocator fragmentation and communication buckets come on top (hence a 10% margin against the card).
 """
 
 from __future__ import annotations
@@ -50,6 +65,8 @@ from vbon_ds.config import ExperimentConfig, ModelConfig
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
 from vbon_ds.errors import VbonError
 from vbon_ds.models import load_model_config
+from vbon_ds.pipelines.engines import training_needs
+from vbon_ds.pipelines.offline import OFFLINE_ALGOS, PAIR_ALGOS
 
 GIB = 1024**3
 MARGIN = 0.9  # the share of the card a plan may fill
@@ -77,8 +94,12 @@ class ModelShape:
     trainable: tuple[bool, ...]
     largest_layer: int
     """Elements of the largest transformer block."""
+    largest_trained_layer: int
+    """Trainable elements of the transformer block with the most of them (gradients in backward)."""
     head: int
     """Elements of the output layer (lm head or score head)."""
+    head_trained: bool
+    """Whether the output layer's weight trains."""
     trained_layers: int
     """Layers that backward runs through (all, or the top trainable_layers when the rest is frozen)."""
 
@@ -100,6 +121,8 @@ class EngineMemory:
     stage: int
     params: float = 0.0
     grads: float = 0.0
+    grads32: float = 0.0
+    """The fp32 copy of the gradient partition the optimizer step works on."""
     optimizer: float = 0.0
     activations: float = 0.0
     """Training or forward working memory at the configured gradient checkpointing."""
@@ -109,11 +132,23 @@ class EngineMemory:
     """KV cache plus, under ZeRO-3 with gather_params, the gathered weights (actor only)."""
     gathered: float = 0.0
     """ZeRO-3 gathered working set during forward/backward."""
+    backward_grads: float = 0.0
+    """ZeRO-2/3: full-size gradients of the largest trained layer and the head before reduce-scatter."""
     elements: dict[str, int] = field(default_factory=dict)
 
     @property
     def resident(self) -> float:
-        return self.params + self.grads + self.optimizer
+        return self.params + self.grads + self.grads32 + self.optimizer
+
+    @property
+    def model_states(self) -> float:
+        """Resident state plus the largest layer's full-size working set, as DeepSpeed's estimators count."""
+        return self.resident + self.gathered + self.backward_grads
+
+    @property
+    def training(self) -> float:
+        """Transient memory of this engine's forward and backward on one micro-batch."""
+        return self.activations + self.gathered + self.backward_grads
 
 
 @dataclass
@@ -123,6 +158,8 @@ class MemoryPlan:
     dtype: str
     engines: list[EngineMemory]
     notes: list[str]
+    on_policy: bool
+    """Whether a step samples rollouts (ppo, rloo) rather than reading cached answers (offline baselines)."""
 
     @property
     def resident(self) -> float:
@@ -132,14 +169,10 @@ class MemoryPlan:
     def phases(self) -> dict[str, float]:
         """Transient memory of each phase of a training step (one phase runs at a time)."""
         by_name = {e.name: e for e in self.engines}
-        actor = by_name["actor"]
-        out = {"rollout": actor.generation}
+        out = {"rollout": by_name["actor"].generation} if self.on_policy else {}
         if "reward" in by_name:
             out["scoring"] = by_name["reward"].activations + by_name["reward"].gathered
-        train = [
-            e.activations + e.gathered for e in self.engines if e.name in ("actor", "critic", "reference")
-        ]
-        out["training"] = max(train)
+        out["training"] = max(e.training for e in self.engines if e.name in ("actor", "critic", "reference"))
         return out
 
     @property
@@ -197,6 +230,7 @@ def _shape(
         model.requires_grad_(False)
     params = list(model.parameters())  # tied weights appear once, as in the engines
     blocks = decoder_blocks(model)
+    trained_per_block = [sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks]
     head = model.score if classifier else model.get_output_embeddings()
     heads = getattr(config, "num_attention_heads", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -210,7 +244,9 @@ def _shape(
         numels=tuple(p.numel() for p in params),
         trainable=tuple(p.requires_grad for p in params),
         largest_layer=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        largest_trained_layer=max(trained_per_block),
         head=head.weight.numel(),
+        head_trained=head.weight.requires_grad,
         trained_layers=trainable_layers or layers,
     )
 
@@ -237,8 +273,9 @@ def _layer_activation(seq: int, batch: int, hidden: int, nbytes: int) -> float:
 
 
 def _trainable_engine(
-    name: str, shape: ModelShape, ds: dict, world: int, nbytes: int, cfg: ExperimentConfig
+    name: str, shape: ModelShape, ds: dict, world: int, nbytes: int, cfg: ExperimentConfig, graphs: int = 1
 ) -> EngineMemory:
+    """`graphs`: forward graphs alive together in backward (2 for the pair losses' chosen and rejected)."""
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     mem = EngineMemory(name, shape, stage)
@@ -256,20 +293,27 @@ def _trainable_engine(
     master = 0 if (stage == 0 and nbytes == 4) else partition
     mem.elements.update(grads=grads, master=master, adam=2 * partition)
     mem.grads = 0.0 if offload_opt and stage >= 2 else grads * nbytes
+    mem.grads32 = 0.0 if offload_opt else 4 * master
     mem.optimizer = 0.0 if offload_opt else (4 * master + 8 * partition)
 
     seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
     micro = cfg.train.micro_batch_size
     layer = _layer_activation(seq, micro, shape.hidden, nbytes)
-    full = shape.trained_layers * layer
-    checkpointed = shape.trained_layers * seq * micro * shape.hidden * nbytes + layer
+    full = graphs * shape.trained_layers * layer
+    checkpointed = graphs * shape.trained_layers * seq * micro * shape.hidden * nbytes + layer
     on = cfg.model.gradient_checkpointing
     mem.activations, mem.activations_other = (checkpointed, full) if on else (full, checkpointed)
-    if stage == 3:
-        mem.gathered = (
-            zero.get("stage3_prefetch_bucket_size", 0) + shape.largest_layer + shape.head
-        ) * nbytes
+    mem.gathered = _gathered(shape, zero, mem.stage, nbytes)
+    if stage >= 2:
+        mem.backward_grads = (shape.largest_trained_layer + shape.head * shape.head_trained) * nbytes
     return mem
+
+
+def _gathered(shape: ModelShape, zero: dict, stage: int, nbytes: int) -> float:
+    """ZeRO-3's gathered weights in forward/backward: the largest layer, a prefetch bucket, the lm head."""
+    if stage != 3:
+        return 0.0
+    return (zero.get("stage3_prefetch_bucket_size", 0) + shape.largest_layer + shape.head) * nbytes
 
 
 def _resident_params(mem: EngineMemory, shape: ModelShape, zero: dict, world: int, nbytes: int) -> None:
@@ -292,10 +336,7 @@ def _frozen_engine(
     mem = EngineMemory(name, shape, int(zero.get("stage", 0)))
     _resident_params(mem, shape, zero, world, nbytes)
     mem.activations = _layer_activation(seq, batch, shape.hidden, nbytes)
-    if mem.stage == 3:
-        mem.gathered = (
-            zero.get("stage3_prefetch_bucket_size", 0) + shape.largest_layer + shape.head
-        ) * nbytes
+    mem.gathered = _gathered(shape, zero, mem.stage, nbytes)
     return mem
 
 
@@ -315,44 +356,59 @@ def memory_plan(cfg: ExperimentConfig, world_size: int) -> MemoryPlan:
     dtype = precision(cfg, on_gpu=True, bf16_supported=True)
     nbytes = DTYPE_BYTES[dtype]
     seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
+    needs = training_needs(cfg)  # the engines `vbon train` builds for this algorithm
+    on_policy = cfg.algo.name not in OFFLINE_ALGOS
+
+    def trainable(name: str, shape: ModelShape, graphs: int = 1) -> EngineMemory:
+        ds = _engine_ds(cfg, sizes, shape, trainable=True)
+        return _trainable_engine(name, shape, ds, world_size, nbytes, cfg, graphs)
+
+    def frozen(name: str, shape: ModelShape, batch: int) -> EngineMemory:
+        ds = _engine_ds(cfg, sizes, shape, trainable=False)
+        return _frozen_engine(name, shape, ds, world_size, nbytes, seq, batch)
+
     lora = bool(cfg.model.lora_rank)
-    engines = []
-
-    actor_shape = model_shape(cfg, cfg.model.actor, "causal", lora=lora)
-    actor_ds = _engine_ds(cfg, sizes, actor_shape, trainable=True)
-    actor = _trainable_engine("actor", actor_shape, actor_ds, world_size, nbytes, cfg)
-    kv_cache = 2 * actor_shape.layers * cfg.generation.batch_size * seq * actor_shape.kv_dim * nbytes
-    gathered = actor_shape.total * nbytes if actor.stage == 3 and cfg.generation.gather_params else 0
-    actor.generation = kv_cache + gathered
-    engines.append(actor)
-    notes = []
-
-    if cfg.algo.name == "ppo":
-        from_reward = cfg.model.critic_init == "reward" and bool(cfg.reward.model) and not cfg.reward.function
-        critic_shape = model_shape(cfg, cfg.reward.model if from_reward else cfg.model.actor, "classifier")
-        critic_ds = _engine_ds(cfg, sizes, critic_shape, trainable=True)
-        engines.append(_trainable_engine("critic", critic_shape, critic_ds, world_size, nbytes, cfg))
-
-    same_as_actor = not cfg.model.reference or cfg.model.reference == cfg.model.actor
-    if lora and same_as_actor:
+    actor = trainable(
+        "actor",
+        model_shape(cfg, cfg.model.actor, "causal", lora=lora),
+        graphs=2 if cfg.algo.name in PAIR_ALGOS else 1,
+    )
+    if on_policy:
+        actor.generation = _generation(actor, cfg, seq, nbytes)
+    engines, notes = [actor], []
+    if needs.critic:
+        engines.append(trainable("critic", model_shape(cfg, _critic_path(cfg), "classifier")))
+    if needs.reference and lora and cfg.model.reference in ("", cfg.model.actor):
         notes.append("reference: the actor with its LoRA adapters off (no engine of its own)")
-    else:
+    elif needs.reference:
         ref_shape = model_shape(cfg, cfg.model.reference or cfg.model.actor, "frozen")
-        ref_ds = _engine_ds(cfg, sizes, ref_shape, trainable=False)
-        micro = cfg.train.micro_batch_size
-        engines.append(_frozen_engine("reference", ref_shape, ref_ds, world_size, nbytes, seq, micro))
-
-    if cfg.reward.function:
+        engines.append(frozen("reference", ref_shape, cfg.train.micro_batch_size))
+    if not needs.scorer:
+        notes.append(
+            f"{cfg.algo.name}: answers and rewards come from the reference cache (no rollout, no scoring)"
+        )
+    elif cfg.reward.function:
         notes.append(f"reward: the rule function {cfg.reward.function!r} (no GPU memory)")
     else:
         rm_shape = model_shape(cfg, cfg.reward.model, "frozen-classifier")
-        rm_ds = _engine_ds(cfg, sizes, rm_shape, trainable=False)
-        engines.append(
-            _frozen_engine("reward", rm_shape, rm_ds, world_size, nbytes, seq, cfg.reward.batch_size)
-        )
+        engines.append(frozen("reward", rm_shape, cfg.reward.batch_size))
     for source in sorted({e.shape.source for e in engines} - {"config"}):
         notes.append(f"model shapes from the {source}")
-    return MemoryPlan(world_size, sizes, dtype, engines, notes)
+    return MemoryPlan(world_size, sizes, dtype, engines, notes, on_policy)
+
+
+def _generation(actor: EngineMemory, cfg: ExperimentConfig, seq: int, nbytes: int) -> float:
+    """The KV cache of one generation batch, plus the whole actor when ZeRO-3 gathers it for sampling."""
+    shape = actor.shape
+    kv_cache = 2 * shape.layers * cfg.generation.batch_size * seq * shape.kv_dim * nbytes
+    gathered = shape.total * nbytes if actor.stage == 3 and cfg.generation.gather_params else 0
+    return kv_cache + gathered
+
+
+def _critic_path(cfg: ExperimentConfig) -> str:
+    """The critic's trunk: the reward model (model.critic_init=reward, when there is one) or the actor."""
+    from_reward = cfg.model.critic_init == "reward" and bool(cfg.reward.model) and not cfg.reward.function
+    return cfg.reward.model if from_reward else cfg.model.actor
 
 
 # ------------------------------------------------------------------ report
@@ -370,15 +426,16 @@ def format_plan(plan: MemoryPlan, gpu_memory_gb: float) -> str:
         f"prompts, micro-batch {s.micro_batch_per_rank}, {s.gradient_accumulation_steps} accumulation "
         "steps), GiB:",
         "",
-        "| engine | ZeRO | parameters | trainable | params | grads | optimizer | activations "
-        "| activations, ckpt toggled | generation | gathered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | ZeRO | parameters | trainable | params | grads | fp32 grads | optimizer | activations "
+        "| activations, ckpt toggled | generation | gathered | backward grads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in plan.engines:
         lines.append(
             f"| {e.name} | {e.stage} | {e.shape.total / 1e6:.1f}M | {e.shape.trainable_total / 1e6:.1f}M "
-            f"| {_gib(e.params)} | {_gib(e.grads)} | {_gib(e.optimizer)} | {_gib(e.activations)} "
-            f"| {_gib(e.activations_other)} | {_gib(e.generation)} | {_gib(e.gathered)} |"
+            f"| {_gib(e.params)} | {_gib(e.grads)} | {_gib(e.grads32)} | {_gib(e.optimizer)} "
+            f"| {_gib(e.activations)} | {_gib(e.activations_other)} | {_gib(e.generation)} "
+            f"| {_gib(e.gathered)} | {_gib(e.backward_grads)} |"
         )
     phases = plan.phases
     peak = max(phases, key=phases.get)

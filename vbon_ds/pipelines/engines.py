@@ -5,13 +5,14 @@
     evaluate         actor, reference, reward scorer: frozen, no optimizer
     refcache         reference, reward scorer
 
+`training_needs` decides which engines `vbon train` builds for algo.name; `vbon plan` sizes the same set.
 Frozen-only jobs size their DeepSpeed configs with `inference_batch_sizes`, so they work at any world size
 whatever the training batch fields say.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -47,6 +48,31 @@ class Engines:
         """The engines a checkpoint saves and restores, by name."""
         named = {"actor": self.actor, "critic": self.critic}
         return {name: engine for name, engine in named.items() if engine is not None and engine.trainable}
+
+
+@dataclass(frozen=True)
+class EngineNeeds:
+    """Which engines a job builds: `build_engines`' keyword arguments."""
+
+    actor: str = ""
+    reference: bool = False
+    scorer: bool = False
+    critic: bool = False
+
+
+def training_needs(cfg: ExperimentConfig) -> EngineNeeds:
+    """The engines `vbon train` builds: a trainable actor and the reference (also BoN-SFT's log-ratio
+    statistic); the reward scorer only on-policy (offline baselines read scored answers from the cache);
+    the critic only for PPO."""
+    from vbon_ds.pipelines.offline import OFFLINE_ALGOS  # offline.py imports this module
+
+    on_policy = cfg.algo.name not in OFFLINE_ALGOS
+    return EngineNeeds(actor="train", reference=True, scorer=on_policy, critic=cfg.algo.name == "ppo")
+
+
+def build_training_engines(cfg: ExperimentConfig) -> Engines:
+    """The engines of `vbon train` for cfg.algo.name (`training_needs`)."""
+    return build_engines(cfg, **asdict(training_needs(cfg)))
 
 
 def build_engines(

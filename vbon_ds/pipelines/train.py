@@ -41,7 +41,7 @@ from vbon_ds.errors import VbonError
 from vbon_ds.models import check_models_fit
 from vbon_ds.monitor import Monitor
 from vbon_ds.pipelines import experience as phases
-from vbon_ds.pipelines.engines import Engines, build_engines
+from vbon_ds.pipelines.engines import Engines, build_training_engines
 from vbon_ds.pipelines.offline import (
     OFFLINE_ALGOS,
     ReferenceLogProbs,
@@ -58,14 +58,6 @@ def objective_beta(cfg: ExperimentConfig) -> float:
     if cfg.vbon.beta is not None:
         return cfg.vbon.beta
     return bon.vbon_beta(cfg.vbon.n)
-
-
-def build_training_engines(cfg: ExperimentConfig) -> Engines:
-    """Actor (trainable) and reference; the reward scorer and critic only where the algorithm uses them."""
-    offline = cfg.algo.name in OFFLINE_ALGOS
-    return build_engines(
-        cfg, actor="train", reference=True, scorer=not offline, critic=cfg.algo.name == "ppo"
-    )
 
 
 class Trainer:

@@ -11,18 +11,17 @@ import pytest
 import torch
 
 from vbon_ds.config import ExperimentConfig, load_config
+from vbon_ds.content_digest import ModelNotDownloaded, checkpoint_content
 from vbon_ds.errors import VbonError
 from vbon_ds.refcache import (
     FINGERPRINT_FILE,
     SETTINGS_KEY,
     SHARD_SCHEMA,
     CacheSummary,
-    ModelNotDownloaded,
     RefCache,
     RefCacheWriter,
     RefRecord,
     cache_fingerprint,
-    checkpoint_content,
     done_prompt_ids,
     fingerprint_from_config,
     open_refcache,
@@ -374,22 +373,22 @@ def test_a_changed_tokenizer_or_reward_is_named(tmp_path: Path) -> None:
 def test_a_large_weight_file_is_sampled_and_still_sees_a_retrained_tensor(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import vbon_ds.refcache as refcache
+    import vbon_ds.content_digest as content_digest
 
-    monkeypatch.setattr(refcache, "HEAD_BYTES", 1024)
-    monkeypatch.setattr(refcache, "SAMPLES", 16)
-    monkeypatch.setattr(refcache, "SAMPLE_BYTES", 64)
+    monkeypatch.setattr(content_digest, "HEAD_BYTES", 1024)
+    monkeypatch.setattr(content_digest, "SAMPLES", 16)
+    monkeypatch.setattr(content_digest, "SAMPLE_BYTES", 64)
     size = 1024 + 64 * 1024  # over HEAD_BYTES + SAMPLES * SAMPLE_BYTES: sampled
     weights = tmp_path / "model.safetensors"
     data = bytearray(torch.arange(size, dtype=torch.uint8).numpy().tobytes())
     weights.write_bytes(data)
-    before = refcache.file_digest(weights)
+    before = content_digest.file_digest(weights)
     assert before.startswith(f"{size}:")
     # A "tensor" of size / SAMPLES bytes in the middle, retrained: every byte of it changes.
     start = size // 2
     data[start : start + size // 16] = bytes(b ^ 0xFF for b in data[start : start + size // 16])
     weights.write_bytes(data)
-    assert refcache.file_digest(weights) != before
+    assert content_digest.file_digest(weights) != before
 
 
 def test_a_hub_model_is_identified_by_its_cached_commit(tmp_path: Path, monkeypatch) -> None:

@@ -2,8 +2,8 @@
 
 The record (trainer_state["weights_settings"]) and why each entry is in it:
     model.actor, model.actor content   the base the trained weights belong to (with LoRA or top-K training
-                                       most of the actor *is* the base); the content id also catches a
-                                       directory whose weight files were overwritten in place
+                                       most of the actor *is* the base); the content id (the digests the
+                                       reference cache records too) catches files overwritten in place
     model.gguf_file                    one directory can hold several GGUF files
     model.tokenizer                    which text each token id of the embeddings and head stands for
     model.lora_rank, model.lora_alpha, model.lora_target_modules
@@ -21,11 +21,12 @@ weights are), model.gradient_checkpointing and logprob_backend (same weights eit
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from vbon_ds.config import ExperimentConfig
+from vbon_ds.content_digest import ModelNotDownloaded, checkpoint_content
 from vbon_ds.engines.builders import _accelerator
 from vbon_ds.engines.ds_config import precision
 from vbon_ds.errors import VbonError
@@ -36,30 +37,17 @@ CRITIC = "critic (algo.name=ppo, model.critic_init)"
 _CONFIG_FIELDS = ("actor", "gguf_file", "tokenizer", "lora_rank", "lora_alpha", "lora_target_modules")
 _LAYOUT_CONFIG_FIELDS = ("trainable_layers",)
 TRAINING_ONLY = frozenset({"model.trainable_layers", "model.dtype", CRITIC})
-_BLOCK = 1 << 16  # bytes read at each sampled offset of a weight file
-_BLOCKS = 16  # offsets per file, spread evenly: a fine-tune changes every layer, so some block changes
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 def model_content_id(path: str, gguf_file: str = "") -> str | None:
-    """A cheap fingerprint of a local model's weight files: SHA-256 over each file's name, size and 16
-    blocks of 64 KiB spread evenly through it (the whole file when smaller). None for a hub id: its
-    content is pinned by the hub's revision, not by a directory that can be overwritten."""
-    local = Path(path).expanduser()
-    if not local.is_dir():
+    """An id of what the actor's checkpoint holds (`content_digest.checkpoint_content`: sampled
+    digests of a local directory's files, or the commit a hub id resolves to); None for a hub id not
+    downloaded yet."""
+    try:
+        content = checkpoint_content(path, gguf_file)
+    except ModelNotDownloaded:
         return None
-    files = [local / gguf_file] if gguf_file else sorted({p for g in _WEIGHT_FILES for p in local.glob(g)})
-    digest = hashlib.sha256()
-    for file in files:
-        if not file.is_file():
-            continue
-        size = file.stat().st_size
-        digest.update(f"{file.name}\0{size}\0".encode())
-        with file.open("rb") as f:
-            for k in range(_BLOCKS):
-                f.seek(size * k // _BLOCKS)
-                digest.update(f.read(_BLOCK))
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _critic(cfg: ExperimentConfig) -> str:

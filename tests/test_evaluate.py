@@ -266,7 +266,7 @@ def test_an_unusable_out_is_refused_before_any_work(tmp_path, monkeypatch):
     cfg = demo_config("tiny", tmp_path / "run")
     (tmp_path / "file").write_text("")
     with pytest.raises(
-        VbonError, match=r"^--out .*/file/sub/p: .*/file is a file, not a directory; give another"
+        VbonError, match=r"^--out .*/file/sub: .*/file is a file, not a directory; give another"
     ):
         evaluate.run(cfg, out=tmp_path / "file" / "sub" / "p")
     (tmp_path / "taken.json").mkdir()

@@ -50,6 +50,7 @@ from vbon_ds.pipelines.experience import TokenBatch, policy_logprobs
 from vbon_ds.pipelines.rollout import ScoredRollout, sample_and_score, shard_evenly
 from vbon_ds.refcache import RefCache, open_refcache
 from vbon_ds.rewards import reward_names
+from vbon_ds.runlock import prepare_output_dir
 from vbon_ds.tldr import fit_prompts
 
 OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
@@ -435,12 +436,9 @@ def check_report_location(cfg: ExperimentConfig, prefix: str | Path | None) -> P
 
     def check() -> None:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), out)
-            raise VbonError(f"{what}: {blocker} is a file, not a directory; {fix}") from None
-        except OSError as err:
-            raise VbonError(f"{what}: cannot create {out} ({err.strerror}); {fix}") from None
+            prepare_output_dir(out, setting="--out" if prefix is not None else "the evaluation's directory")
+        except VbonError as err:
+            raise VbonError(f"{err}; {fix}") from None
         unwritable = [p for p in paths if p.is_dir() or (p.exists() and not os.access(p, os.W_OK))]
         if unwritable or not os.access(out, os.W_OK | os.X_OK):
             raise VbonError(f"{what}: cannot write {unwritable[0] if unwritable else out}; {fix}")

@@ -23,7 +23,7 @@ from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
 from vbon_ds.pipelines.build_refcache import part_indices
-from vbon_ds.slurm import expand_hostlist, job_vbon_args, step_command, task_launch
+from vbon_ds.slurm import expand_hostlist, job_vbon_args, rendezvous, step_command, task_launch
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "launch" / "submit.sh"
@@ -60,7 +60,7 @@ def test_srun_launcher_one_rank_per_task_on_two_nodes_of_eight_gpus():
         "LOCAL_RANK": "5",
         "WORLD_SIZE": "16",
         "MASTER_ADDR": "gpu07",
-        "MASTER_PORT": "24242",
+        "MASTER_PORT": "14242",
         "OMP_NUM_THREADS": "12",
     }
     assert launch.hostfile is None
@@ -79,7 +79,7 @@ def test_deepspeed_launcher_one_task_per_node_on_two_nodes_of_eight_gpus(tmp_pat
     assert launch.hostfile_text == "gpu07 slots=8\ngpu08 slots=8\n"
     assert launch.command == [
         PY, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-        "--node_rank", "1", "--master_addr", "gpu07", "--master_port", "24242", "--no_local_rank",
+        "--node_rank", "1", "--master_addr", "gpu07", "--master_port", "14242", "--no_local_rank",
         "--module", "vbon_ds", *VBON,
     ]  # fmt: skip
     assert launch.env == {"OMP_NUM_THREADS": "12"}  # 96 cores for the node's 8 ranks
@@ -87,9 +87,26 @@ def test_deepspeed_launcher_one_task_per_node_on_two_nodes_of_eight_gpus(tmp_pat
     hostfile.write_text(launch.hostfile_text)
     args = runner.parse_args(launch.command[4:])
     assert (args.node_rank, args.no_ssh, args.no_local_rank, args.module) == (1, True, True, True)
-    assert (args.master_addr, args.master_port) == ("gpu07", 24242)
+    assert (args.master_addr, args.master_port) == ("gpu07", 14242)
     assert (args.user_script, args.user_args) == ("vbon_ds", VBON)
     assert dict(runner.fetch_hostfile(str(hostfile))) == {"gpu07": 8, "gpu08": 8}
+
+
+def ephemeral_ports() -> range:
+    """The ports Linux gives outgoing connections (this machine's setting; the kernel default elsewhere)."""
+    setting = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low, high = map(int, setting.read_text().split()) if setting.is_file() else (32768, 60999)
+    return range(low, high + 1)
+
+
+def test_master_port_is_fixed_per_job_and_outside_the_ephemeral_range():
+    def port(job_id: int) -> int:
+        return int(rendezvous({"SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "gpu07"})["MASTER_PORT"])
+
+    ports = {port(job_id) for job_id in range(50_000)}
+    assert len(ports) == 20_000  # jobs with nearby ids get different ports
+    ephemeral = ephemeral_ports()
+    assert all(1024 <= p < 65536 and p not in ephemeral for p in ports)
 
 
 def test_job_step_and_arguments():

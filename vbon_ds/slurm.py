@@ -38,8 +38,10 @@ from vbon_ds.errors import VbonError
 
 LAUNCHERS = ("srun", "deepspeed")
 STAGES = ("refcache", "train", "evaluate", "bon")
-PORT_BASE = 20000
-"""MASTER_PORT is PORT_BASE + job id mod PORT_BASE: the same for every task of a job, and a requeued job."""
+PORT_FIRST, PORT_COUNT = 10000, 20000
+"""MASTER_PORT is PORT_FIRST + job id mod PORT_COUNT (10000-29999): the same for every task of a job and
+for a requeued job, above the well-known ports and below Linux's ephemeral range (32768-60999), where the
+kernel hands out ports to outgoing connections that could already hold it."""
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -71,7 +73,7 @@ def _need(env: Mapping[str, str], name: str) -> str:
 def rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     """MASTER_ADDR (the job's first node) and MASTER_PORT (from the job id) for torch.distributed."""
     hosts = expand_hostlist(_need(env, "SLURM_JOB_NODELIST"))
-    port = PORT_BASE + int(_need(env, "SLURM_JOB_ID")) % PORT_BASE
+    port = PORT_FIRST + int(_need(env, "SLURM_JOB_ID")) % PORT_COUNT
     return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(port)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,14 @@ from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
 from vbon_ds.pipelines.build_refcache import part_indices
-from vbon_ds.slurm import expand_hostlist, job_vbon_args, rendezvous, step_command, task_launch
+from vbon_ds.slurm import (
+    REQUEUE_MARGIN_S,
+    expand_hostlist,
+    job_vbon_args,
+    rendezvous,
+    step_command,
+    task_launch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "launch" / "submit.sh"
@@ -167,6 +175,39 @@ def test_submit_all_stages_dry_run(tmp_path):
         f"sbatch --parsable --job-name=vbon-evaluate-exp {common} --export=ALL\\,VBON_PROCS_PER_NODE=8 "
         f"--dependency=afterok:\\<train\\> --kill-on-invalid-dep=yes {script} evaluate {tail}",
     ]
+
+
+# Stand-ins for Slurm's commands: a job step that ignores USR1 and outlasts the lead time, a time limit
+# REQUEUE_MARGIN_S + 2 s away, and an `scontrol` that notes whether the step was still running.
+FAKE_SLURM = {
+    "srun": "trap '' USR1\nsleep 60\ntouch \"$FAKE/step_done\"\n",
+    "squeue": 'date -d "+$FAKE_END_IN seconds" +%Y-%m-%dT%H:%M:%S\n',
+    "scontrol": '[ -e "$FAKE/step_done" ] && s=yes || s=no\necho "$* step_done=$s" >> "$FAKE/calls"\n',
+}
+
+
+def test_train_job_requeues_before_its_time_limit_when_the_step_outlasts_the_lead_time(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}")
+        (bin_dir / name).chmod(0o755)
+    env = {**launch_env(), **ALLOCATION, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path)}
+    env["FAKE_END_IN"] = str(REQUEUE_MARGIN_S + 2)
+    job = subprocess.Popen(
+        [PY, "-m", "vbon_ds.slurm", "job", "train", "--config", "c.yaml"],
+        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    calls = tmp_path / "calls"
+    try:
+        assert job.stdout.readline().startswith("vbon slurm: job 4242 (restart 0): srun ")
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@T sends T seconds before the limit
+        wait_until(calls.exists, "the job requeues itself")
+        assert calls.read_text() == "requeue 4242 step_done=no\n"  # before the time limit, step or not
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the wrapper and its fake step, as Slurm's requeue would
+        out = job.communicate()[0]
+    assert "the trainer did not checkpoint and exit within the lead time" in out
 
 
 # ---------------------------------------------------------------- a real cluster

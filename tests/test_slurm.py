@@ -8,18 +8,21 @@ stops the daemons it started, by their PIDs.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_file
+from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_file, vbon
 
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
@@ -421,3 +424,60 @@ def test_refcache_array_then_training_preempted_and_requeued(cluster):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def step_processes(config: Path) -> list[int]:
+    """PIDs of the `python -m vbon_ds train --config CONFIG` ranks (not the launch wrappers around them)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode().split("\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if argv[1:4] == ["-m", "vbon_ds", "train"] and str(config) in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def end_soon(cluster: Cluster, job_id: str) -> None:
+    """Move the job's time limit to between 45 and 105 s after REQUEUE_MARGIN_S from now (whole minutes)."""
+    started = datetime.fromisoformat(cluster.job(job_id)["StartTime"])
+    elapsed = (datetime.now() - started).total_seconds()
+    minutes = math.ceil((elapsed + REQUEUE_MARGIN_S + 45) / 60)
+    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+
+
+@pytest.mark.slow
+def test_training_is_requeued_when_a_step_outlasts_the_lead_time(cluster):
+    tmp = cluster.root / "slow_step"
+    tmp.mkdir()
+    steps = 6
+    config = tiny_config_file(tmp, "run", f"train.steps={steps}", "train.checkpoint_every=1")
+    vbon("refcache", "--config", str(config))
+    run = submit(cluster, config, "--stage", "train", "--gpus-per-node", "1")
+    job = cluster.job_id("vbon-train-run")
+    latest = tmp / "run" / "checkpoints" / "latest"
+    wait_until(latest.exists, "the first checkpoint is saved")
+    # A step (or a save) that lasts past the time limit: the trainer never reaches its next step boundary.
+    ranks = step_processes(config)
+    assert ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    stopped_at = int(latest.read_text().split("_")[1])
+    end_soon(cluster, job)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@T does
+    wait_until(lambda: cluster.job(job).get("Restarts") == "1", "the job requeues itself")
+    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=30")  # the next run has its time again
+    restart_now(cluster, job, restarts=1)
+    assert run.communicate(timeout=600)[0].startswith("train "), "the job did not complete after a requeue"
+    assert run.returncode == 0
+
+    log = (tmp / f"vbon-train-run-{job}.out").read_text()
+    assert "the trainer did not checkpoint and exit within the lead time" in log
+    assert "vbon slurm: requeueing job" in log and "(restart 1)" in log
+    # Slurm's requeue sends SIGCONT and SIGTERM: the trainer may still save a later step within KillWait.
+    resumed = re.search(r"train: resumed from (\S+) at step (\d+)", log)
+    assert resumed and stopped_at <= int(resumed[2]) < steps, log
+    assert resumed[1] == str(latest.parent / f"step_{int(resumed[2]):08d}")
+    assert latest.read_text().strip() == f"step_{steps:08d}"
+    assert (tmp / "run" / "final" / "model.safetensors").is_file()

@@ -11,8 +11,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["vbon_ds", "vbon_ds.*"]),
-    package_data={"vbon_ds": ["resources/*", "resources/**/*"]},
+    # The DeepSpeed templates' one source is the repository's top-level ds_configs/; installed, they are
+    # vbon_ds/ds_configs (vbon_ds.engines.ds_config.ds_config_dir finds either).
+    packages=[*find_packages(include=["vbon_ds", "vbon_ds.*"]), "vbon_ds.ds_configs"],
+    package_dir={"vbon_ds.ds_configs": "ds_configs"},
+    package_data={"vbon_ds": ["resources/*", "resources/**/*"], "vbon_ds.ds_configs": ["*.json"]},
     include_package_data=True,
     install_requires=[
         # torch is installed first by launch/setup_env.sh (pinned CPU build on CPU machines); 2.5 brought

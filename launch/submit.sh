@@ -11,7 +11,8 @@
 #   --time T            time limit of each job [24:00:00]
 #   --launcher L        srun (one task per GPU) | deepspeed (one task per node) [srun]
 #   --parts P           reference-cache job-array tasks, each on --nodes nodes [4]
-#   --signal-seconds S  USR1 this long before the time limit: checkpoint and requeue [300]
+#   --signal-seconds S  USR1 this long before the time limit: checkpoint and requeue; the job requeues
+#                       30 s before the limit even if the trainer is still busy [300]
 #   --partition X, --account A, --qos Q   passed to sbatch
 #   --no-gpus           request no GPUs (CPU partitions, tests); G is then the number of ranks per node
 #   --wait              wait for the last job and exit with its exit code

@@ -1,6 +1,10 @@
 """Batch-size arithmetic and the filling of DeepSpeed JSON templates from the experiment config."""
 
 import json
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -8,7 +12,10 @@ import pytest
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import ConfigError, load_config
 from vbon_ds.engines import ds_config
-from vbon_ds.engines.ds_config import CPU_REDUCE_BUCKET, DS_CONFIG_DIR, fill_ds_config, load_ds_template
+from vbon_ds.engines.ds_config import CPU_REDUCE_BUCKET, ds_config_dir, fill_ds_config, load_ds_template
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = ("zero2.json", "zero3.json", "zero3_offload.json")
 
 
 def test_batch_sizes_arithmetic():
@@ -124,7 +131,7 @@ def test_template_errors(tmp_path):
 
 
 def test_packaged_templates_hold_what_their_names_promise():
-    templates = {p.stem: json.loads(p.read_text()) for p in DS_CONFIG_DIR.glob("*.json")}
+    templates = {p.stem: json.loads(p.read_text()) for p in ds_config_dir().glob("*.json")}
     assert sorted(templates) == ["zero2", "zero3", "zero3_offload"]
     stages = {name: t["zero_optimization"]["stage"] for name, t in templates.items()}
     assert stages == {"zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -141,11 +148,60 @@ def test_packaged_templates_hold_what_their_names_promise():
         assert template["bf16"]["enabled"] == "auto", name
 
 
-def test_templates_ship_with_the_package():
-    # setup.py's package_data must install them: they live under vbon_ds/resources.
-    assert DS_CONFIG_DIR.parent.name == "resources" and DS_CONFIG_DIR.parent.parent.name == "vbon_ds"
-    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
-    assert '"resources/**/*"' in setup
+def test_the_top_level_ds_configs_is_the_one_source_of_the_templates():
+    assert ds_config_dir() == REPO / "ds_configs"
+    assert sorted(p.name for p in ds_config_dir().glob("*.json")) == list(TEMPLATES)
+    assert not [p for name in TEMPLATES for p in (REPO / "vbon_ds").rglob(name)], "a second copy"
+
+
+def load_zero3_from(python_path: Path) -> dict:
+    """load_ds_template("zero3") in a fresh process that imports vbon_ds from `python_path`."""
+    code = "import json, vbon_ds.engines.ds_config as d; print(json.dumps(d.load_ds_template('zero3')))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={"PYTHONPATH": str(python_path)}, cwd=python_path.parent,
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return json.loads(result.stdout)
+
+
+def tracked_copy(dest: Path) -> Path:
+    """The repository's tracked files (a clean clone's content) copied to dest."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in names.decode().split("\0"):
+        if name and (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+def test_editing_the_top_level_template_changes_what_vbon_runs(tmp_path):
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "vbon_ds", checkout / "vbon_ds")
+    shutil.copytree(REPO / "ds_configs", checkout / "ds_configs")
+    edited = json.loads((checkout / "ds_configs" / "zero3.json").read_text())
+    edited["zero_optimization"]["stage3_max_live_parameters"] = 123_456
+    (checkout / "ds_configs" / "zero3.json").write_text(json.dumps(edited))
+    assert load_zero3_from(checkout) == edited
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_carries_and_finds_the_templates(tmp_path):
+    source = tracked_copy(tmp_path / "source")
+    wheels = tmp_path / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels]
+    subprocess.run([*build, source], check=True, capture_output=True, timeout=600)
+    (wheel,) = wheels.glob("vbon_ds-*.whl")
+    installed = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = sorted(n for n in archive.namelist() if n.endswith(".json") and "ds_configs" in n)
+        assert packaged == [f"vbon_ds/ds_configs/{name}" for name in TEMPLATES]
+        archive.extractall(installed)
+    for name in TEMPLATES:
+        assert (installed / "vbon_ds" / "ds_configs" / name).read_bytes() == (
+            REPO / "ds_configs" / name
+        ).read_bytes()
+    # No source checkout around it: the installed copy is the one read.
+    assert load_zero3_from(installed) == json.loads((REPO / "ds_configs" / "zero3.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3"])

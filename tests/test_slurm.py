@@ -8,22 +8,33 @@ stops the daemons it started, by their PIDs.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_file
+from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_file, vbon
 
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
 from vbon_ds.pipelines.build_refcache import part_indices
-from vbon_ds.slurm import expand_hostlist, job_vbon_args, step_command, task_launch
+from vbon_ds.slurm import (
+    REQUEUE_MARGIN_S,
+    expand_hostlist,
+    job_vbon_args,
+    rendezvous,
+    step_command,
+    task_launch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "launch" / "submit.sh"
@@ -60,7 +71,7 @@ def test_srun_launcher_one_rank_per_task_on_two_nodes_of_eight_gpus():
         "LOCAL_RANK": "5",
         "WORLD_SIZE": "16",
         "MASTER_ADDR": "gpu07",
-        "MASTER_PORT": "24242",
+        "MASTER_PORT": "14242",
         "OMP_NUM_THREADS": "12",
     }
     assert launch.hostfile is None
@@ -79,7 +90,7 @@ def test_deepspeed_launcher_one_task_per_node_on_two_nodes_of_eight_gpus(tmp_pat
     assert launch.hostfile_text == "gpu07 slots=8\ngpu08 slots=8\n"
     assert launch.command == [
         PY, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-        "--node_rank", "1", "--master_addr", "gpu07", "--master_port", "24242", "--no_local_rank",
+        "--node_rank", "1", "--master_addr", "gpu07", "--master_port", "14242", "--no_local_rank",
         "--module", "vbon_ds", *VBON,
     ]  # fmt: skip
     assert launch.env == {"OMP_NUM_THREADS": "12"}  # 96 cores for the node's 8 ranks
@@ -87,9 +98,26 @@ def test_deepspeed_launcher_one_task_per_node_on_two_nodes_of_eight_gpus(tmp_pat
     hostfile.write_text(launch.hostfile_text)
     args = runner.parse_args(launch.command[4:])
     assert (args.node_rank, args.no_ssh, args.no_local_rank, args.module) == (1, True, True, True)
-    assert (args.master_addr, args.master_port) == ("gpu07", 24242)
+    assert (args.master_addr, args.master_port) == ("gpu07", 14242)
     assert (args.user_script, args.user_args) == ("vbon_ds", VBON)
     assert dict(runner.fetch_hostfile(str(hostfile))) == {"gpu07": 8, "gpu08": 8}
+
+
+def ephemeral_ports() -> range:
+    """The ports Linux gives outgoing connections (this machine's setting; the kernel default elsewhere)."""
+    setting = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low, high = map(int, setting.read_text().split()) if setting.is_file() else (32768, 60999)
+    return range(low, high + 1)
+
+
+def test_master_port_is_fixed_per_job_and_outside_the_ephemeral_range():
+    def port(job_id: int) -> int:
+        return int(rendezvous({"SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "gpu07"})["MASTER_PORT"])
+
+    ports = {port(job_id) for job_id in range(50_000)}
+    assert len(ports) == 20_000  # jobs with nearby ids get different ports
+    ephemeral = ephemeral_ports()
+    assert all(1024 <= p < 65536 and p not in ephemeral for p in ports)
 
 
 def test_job_step_and_arguments():
@@ -150,6 +178,39 @@ def test_submit_all_stages_dry_run(tmp_path):
         f"sbatch --parsable --job-name=vbon-evaluate-exp {common} --export=ALL\\,VBON_PROCS_PER_NODE=8 "
         f"--dependency=afterok:\\<train\\> --kill-on-invalid-dep=yes {script} evaluate {tail}",
     ]
+
+
+# Stand-ins for Slurm's commands: a job step that ignores USR1 and outlasts the lead time, a time limit
+# REQUEUE_MARGIN_S + 2 s away, and an `scontrol` that notes whether the step was still running.
+FAKE_SLURM = {
+    "srun": "trap '' USR1\nsleep 60\ntouch \"$FAKE/step_done\"\n",
+    "squeue": 'date -d "+$FAKE_END_IN seconds" +%Y-%m-%dT%H:%M:%S\n',
+    "scontrol": '[ -e "$FAKE/step_done" ] && s=yes || s=no\necho "$* step_done=$s" >> "$FAKE/calls"\n',
+}
+
+
+def test_train_job_requeues_before_its_time_limit_when_the_step_outlasts_the_lead_time(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}")
+        (bin_dir / name).chmod(0o755)
+    env = {**launch_env(), **ALLOCATION, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path)}
+    env["FAKE_END_IN"] = str(REQUEUE_MARGIN_S + 2)
+    job = subprocess.Popen(
+        [PY, "-m", "vbon_ds.slurm", "job", "train", "--config", "c.yaml"],
+        env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    calls = tmp_path / "calls"
+    try:
+        assert job.stdout.readline().startswith("vbon slurm: job 4242 (restart 0): srun ")
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@T sends T seconds before the limit
+        wait_until(calls.exists, "the job requeues itself")
+        assert calls.read_text() == "requeue 4242 step_done=no\n"  # before the time limit, step or not
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the wrapper and its fake step, as Slurm's requeue would
+        out = job.communicate()[0]
+    assert "the trainer did not checkpoint and exit within the lead time" in out
 
 
 # ---------------------------------------------------------------- a real cluster
@@ -363,3 +424,60 @@ def test_refcache_array_then_training_preempted_and_requeued(cluster):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def step_processes(config: Path) -> list[int]:
+    """PIDs of the `python -m vbon_ds train --config CONFIG` ranks (not the launch wrappers around them)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode().split("\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if argv[1:4] == ["-m", "vbon_ds", "train"] and str(config) in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def end_soon(cluster: Cluster, job_id: str) -> None:
+    """Move the job's time limit to between 45 and 105 s after REQUEUE_MARGIN_S from now (whole minutes)."""
+    started = datetime.fromisoformat(cluster.job(job_id)["StartTime"])
+    elapsed = (datetime.now() - started).total_seconds()
+    minutes = math.ceil((elapsed + REQUEUE_MARGIN_S + 45) / 60)
+    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+
+
+@pytest.mark.slow
+def test_training_is_requeued_when_a_step_outlasts_the_lead_time(cluster):
+    tmp = cluster.root / "slow_step"
+    tmp.mkdir()
+    steps = 6
+    config = tiny_config_file(tmp, "run", f"train.steps={steps}", "train.checkpoint_every=1")
+    vbon("refcache", "--config", str(config))
+    run = submit(cluster, config, "--stage", "train", "--gpus-per-node", "1")
+    job = cluster.job_id("vbon-train-run")
+    latest = tmp / "run" / "checkpoints" / "latest"
+    wait_until(latest.exists, "the first checkpoint is saved")
+    # A step (or a save) that lasts past the time limit: the trainer never reaches its next step boundary.
+    ranks = step_processes(config)
+    assert ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    stopped_at = int(latest.read_text().split("_")[1])
+    end_soon(cluster, job)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@T does
+    wait_until(lambda: cluster.job(job).get("Restarts") == "1", "the job requeues itself")
+    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=30")  # the next run has its time again
+    restart_now(cluster, job, restarts=1)
+    assert run.communicate(timeout=600)[0].startswith("train "), "the job did not complete after a requeue"
+    assert run.returncode == 0
+
+    log = (tmp / f"vbon-train-run-{job}.out").read_text()
+    assert "the trainer did not checkpoint and exit within the lead time" in log
+    assert "vbon slurm: requeueing job" in log and "(restart 1)" in log
+    # Slurm's requeue sends SIGCONT and SIGTERM: the trainer may still save a later step within KillWait.
+    resumed = re.search(r"train: resumed from (\S+) at step (\d+)", log)
+    assert resumed and stopped_at <= int(resumed[2]) < steps, log
+    assert resumed[1] == str(latest.parent / f"step_{int(resumed[2]):08d}")
+    assert latest.read_text().strip() == f"step_{steps:08d}"
+    assert (tmp / "run" / "final" / "model.safetensors").is_file()

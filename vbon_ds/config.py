@@ -221,7 +221,7 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     config: str = "zero3"
-    """DeepSpeed JSON: zero2, zero3 or zero3_offload (in vbon_ds/resources/ds_configs/) or your own file."""
+    """DeepSpeed JSON: zero2, zero3 or zero3_offload (in the top-level ds_configs/) or your own file."""
     reference_offload: bool = False
     """Keep the frozen reference and reward parameters on CPU (ZeRO-3 offload)."""
     force_stage: bool = False

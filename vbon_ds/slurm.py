@@ -5,7 +5,10 @@
   job   runs as the batch script on the first node: starts one job step with srun and waits for it.
         Slurm's USR1 (`sbatch --signal=B:USR1@T`) reaches this process. For `train` it is forwarded to the
         step; the trainer checkpoints at the next step boundary and exits 0, and then the job requeues
-        itself. Other stages are requeued at once (reference-cache shards are atomic; evaluation reruns).
+        itself. If the trainer is still busy REQUEUE_MARGIN_S before the time limit (one step plus a save
+        outlast the lead time T), the job requeues itself then anyway, and the next run resumes from the
+        last complete checkpoint: a job still running at its limit would end in TIMEOUT, never requeued.
+        Other stages are requeued at once (reference-cache shards are atomic; evaluation reruns).
         A restarted train job gets `--set train.resume=auto`; a job-array task of `refcache` gets
         `--part TASK/COUNT`.
   task  runs as every srun task and execs the real command, with USR1 ignored until the trainer installs
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import re
 import shlex
@@ -30,16 +34,24 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from vbon_ds.errors import VbonError
 
 LAUNCHERS = ("srun", "deepspeed")
 STAGES = ("refcache", "train", "evaluate", "bon")
-PORT_BASE = 20000
-"""MASTER_PORT is PORT_BASE + job id mod PORT_BASE: the same for every task of a job, and a requeued job."""
+PORT_FIRST, PORT_COUNT = 10000, 20000
+"""MASTER_PORT is PORT_FIRST + job id mod PORT_COUNT (10000-29999): the same for every task of a job and
+for a requeued job, above the well-known ports and below Linux's ephemeral range (32768-60999), where the
+kernel hands out ports to outgoing connections that could already hold it."""
+REQUEUE_MARGIN_S = 30
+"""After USR1 a train job requeues itself this long before its time limit even when the trainer has not
+yet checkpointed and exited (a step plus a save that outlast the lead time): a job still running at its
+limit ends in TIMEOUT and is never requeued. The next run resumes from the last complete checkpoint."""
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -71,7 +83,7 @@ def _need(env: Mapping[str, str], name: str) -> str:
 def rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     """MASTER_ADDR (the job's first node) and MASTER_PORT (from the job id) for torch.distributed."""
     hosts = expand_hostlist(_need(env, "SLURM_JOB_NODELIST"))
-    port = PORT_BASE + int(_need(env, "SLURM_JOB_ID")) % PORT_BASE
+    port = PORT_FIRST + int(_need(env, "SLURM_JOB_ID")) % PORT_COUNT
     return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(port)}
 
 
@@ -166,35 +178,78 @@ def run_task(launcher: str, vbon_args: Sequence[str]) -> None:
     os.execvpe(launch.command[0], launch.command, {**os.environ, **launch.env})
 
 
-def requeue(job_id: str) -> None:
+def requeue(job_id: str) -> bool:
+    """`scontrol requeue`: Slurm stops the job (this script included) and queues it again."""
     print(f"vbon slurm: requeueing job {job_id}", flush=True)
     if subprocess.run(["scontrol", "requeue", job_id]).returncode != 0:
         print(f"vbon slurm: `scontrol requeue {job_id}` failed; resubmit the job to continue", flush=True)
+        return False
+    return True
+
+
+def seconds_left(job_id: str) -> float | None:
+    """Seconds until the job's time limit (squeue's end time); None without a limit or an answer."""
+    try:
+        result = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=60
+        )
+        end = datetime.fromisoformat(result.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired, ValueError):  # no squeue, no answer, or "N/A"
+        return None
+    return (end - datetime.now()).total_seconds()
+
+
+def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _stop_step(stage: str, job_id: str, proc: subprocess.Popen) -> float:
+    """Act on USR1; returns when (time.monotonic()) to requeue the job even if the step still runs."""
+    if stage != "train":
+        return time.monotonic()  # reference-cache shards are atomic, evaluation reruns: requeue at once
+    proc.send_signal(signal.SIGUSR1)  # srun passes it to every process of the step
+    left = seconds_left(job_id)
+    if left is None:
+        print("vbon slurm: USR1: the trainer checkpoints at the next step, then the job requeues", flush=True)
+        return math.inf
+    wait = max(0.0, left - REQUEUE_MARGIN_S)
+    print(
+        f"vbon slurm: USR1: the trainer checkpoints at the next step, then the job requeues; at the latest "
+        f"in {wait:.0f} s ({REQUEUE_MARGIN_S} s before the time limit), whatever the trainer is doing",
+        flush=True,
+    )
+    return time.monotonic() + wait
 
 
 def run_job(launcher: str, stage: str, args: Sequence[str]) -> int:
     """Run the job step; on USR1 stop it the stage's way and requeue the job. Returns the exit code."""
     env = os.environ
     job_id = _need(env, "SLURM_JOB_ID")
+    usr1: list[int] = []  # the handler only notes the signal; the loop below acts on it
+    signal.signal(signal.SIGUSR1, lambda signum, frame: usr1.append(signum))
     vbon_args = job_vbon_args(stage, args, env)
     command = step_command(launcher, vbon_args, env)
     restarts = env.get("SLURM_RESTART_COUNT") or "0"
     print(f"vbon slurm: job {job_id} (restart {restarts}): {shlex.join(command)}", flush=True)
-    stopping = False
     proc = subprocess.Popen(command)
-
-    def on_usr1(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if stage != "train":
-            requeue(job_id)  # Slurm stops the step and this script, and queues the job again
-            return
-        print("vbon slurm: USR1: the trainer checkpoints at the next step, then the job requeues", flush=True)
-        stopping = True
-        proc.send_signal(signal.SIGUSR1)  # srun passes it to every process of the step
-
-    signal.signal(signal.SIGUSR1, on_usr1)
-    rc = proc.wait()
-    if stopping and rc == 0:
+    requeue_at: float | None = None  # set when USR1 arrives
+    requeued: bool | None = None  # set by the one attempt
+    while (rc := _exit_code(proc, timeout=1.0)) is None:
+        if usr1 and requeue_at is None:
+            requeue_at = _stop_step(stage, job_id, proc)
+        if requeue_at is not None and requeued is None and time.monotonic() >= requeue_at:
+            if stage == "train":  # a job still running at its time limit ends in TIMEOUT, never requeued
+                print(
+                    "vbon slurm: warning: the trainer did not checkpoint and exit within the lead time; the "
+                    "next run resumes from its last checkpoint. Give one step plus a checkpoint save "
+                    "(time/step in TensorBoard) more time: submit.sh --signal-seconds",
+                    flush=True,
+                )
+            requeued = requeue(job_id)
+    if requeue_at is not None and rc == 0 and requeued is None:  # the trainer stopped in time
         requeue(job_id)
     return rc
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.resources
 import json
 import logging
 from pathlib import Path
@@ -20,7 +21,16 @@ from typing import Any
 from vbon_ds.batching import BatchSizes
 from vbon_ds.config import ConfigError, ExperimentConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "ds_configs"
+
+def ds_config_dir() -> Path:
+    """Where the named templates live. The repository's top-level ds_configs/ is their one source: an
+    installed package carries it as `vbon_ds/ds_configs` (setup.py maps it there), and a source checkout or
+    an editable install, which has no such folder inside the package, reads the top-level one itself."""
+    packaged = importlib.resources.files("vbon_ds") / "ds_configs"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "ds_configs"
+
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +42,11 @@ default hidden^2 (330k for SmolLM2-135M) meant about 240 reduce-scatters per mic
 def load_ds_template(name_or_path: str) -> dict[str, Any]:
     """Read a DeepSpeed JSON by name in ds_configs/ (zero2, zero3, zero3_offload) or by file path."""
     path = Path(name_or_path)
+    templates = ds_config_dir()
     if not path.is_file():
-        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+        path = templates / f"{name_or_path}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+        known = ", ".join(sorted(p.stem for p in templates.glob("*.json")))
         raise ConfigError(
             f"deepspeed.config: {name_or_path!r} is neither a file nor a known config ({known})"
         )

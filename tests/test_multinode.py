@@ -7,7 +7,7 @@ processes with node ranks 0 and 1, the way a multi-node job starts them:
 
 ZeRO-3 over gloo trains with a checkpoint; the run then resumes on one node of two ranks (another node
 count; the same world size, since a ZeRO-3 checkpoint is partitioned for the world that wrote it) and
-continues from the saved step.
+continues from the saved step; a world of one is refused naming the world size.
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ def test_two_nodes_train_zero3_then_resume_on_one_node(tmp_path, shared, launche
     # ZeRO-3 over the two nodes: each rank wrote its own partition of the weights and optimizer states.
     partitions = {name.split("_mp_rank_")[0] for name in saved if name.endswith("_optim_states.pt")}
     assert partitions == {"zero_pp_rank_0", "zero_pp_rank_1"}
+
+    # Another world size cannot load the partitions: refused before any model loads, naming it.
+    alone = vbon("train", "--config", str(config), check=False)
+    assert alone.returncode != 0 and "world size (ranks): checkpoint 2, now 1" in alone.stderr, alone.stderr
+    assert "remove" not in alone.stderr  # the checkpoint is intact: nothing advises deleting it
 
     resumed = run_together(one_node_two_ranks(["train", "--config", str(config)]), tmp_path / "one_node")
     assert f"train: resumed from {checkpoint} at step 2" in resumed

@@ -103,6 +103,7 @@ def test_demo_tiny_single_process(tmp_path):
     assert scalars["train/kl"][0][1] == pytest.approx(0.0, abs=1e-5)
     assert any(abs(value) > 1e-4 for _, value in scalars["train/kl"][1:])
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert [step for step, _ in scalars["time/save"]] == [3]  # the one checkpoint, with how long it took
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "eval" / "reward_kl.png").stat().st_size > 0
     assert set(evaluation) >= {"reference", "BoN(2)", "BoN(4)", "policy", "reference (fresh)"}

@@ -245,7 +245,7 @@ def run_job(launcher: str, stage: str, args: Sequence[str]) -> int:
                 print(
                     "vbon slurm: warning: the trainer did not checkpoint and exit within the lead time; the "
                     "next run resumes from its last checkpoint. Give one step plus a checkpoint save "
-                    "(time/step in TensorBoard) more time: submit.sh --signal-seconds",
+                    "(time/step plus time/save in TensorBoard) more time: submit.sh --signal-seconds",
                     flush=True,
                 )
             requeued = requeue(job_id)

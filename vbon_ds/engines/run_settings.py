@@ -14,6 +14,9 @@ these leave unchanged):
     model.dtype                        as resolved on this machine: the optimizer keeps another state layout
                                        per precision
     critic                             PPO saves a critic engine, its trunk chosen by model.critic_init
+    world size                         ZeRO partitions the optimizer state (and at stage 3 the weights) over
+                                       the ranks that wrote it, and DeepSpeed cannot re-split them; the
+                                       nodes x GPUs per node may differ, their product may not
 Not recorded: model.reference and every objective setting (they change the training, not what the saved
 weights are), model.gradient_checkpointing and logprob_backend (same weights either way).
 """
@@ -27,6 +30,7 @@ from typing import Any
 
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.content_digest import ModelNotDownloaded, checkpoint_content
+from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import _accelerator
 from vbon_ds.engines.ds_config import precision
 from vbon_ds.errors import VbonError
@@ -34,9 +38,10 @@ from vbon_ds.errors import VbonError
 SETTINGS_KEY = "weights_settings"
 CONTENT = "model.actor content"
 CRITIC = "critic (algo.name=ppo, model.critic_init)"
+WORLD = "world size (ranks)"
 _CONFIG_FIELDS = ("actor", "gguf_file", "tokenizer", "lora_rank", "lora_alpha", "lora_target_modules")
 _LAYOUT_CONFIG_FIELDS = ("trainable_layers",)
-TRAINING_ONLY = frozenset({"model.trainable_layers", "model.dtype", CRITIC})
+TRAINING_ONLY = frozenset({"model.trainable_layers", "model.dtype", CRITIC, WORLD})
 
 
 def model_content_id(path: str, gguf_file: str = "") -> str | None:
@@ -67,6 +72,7 @@ def weights_settings(cfg: ExperimentConfig) -> dict[str, Any]:
         CONTENT: model_content_id(cfg.model.actor, cfg.model.gguf_file),
         "model.dtype": precision(cfg, *_accelerator()),  # auto resolved as the engines do
         CRITIC: _critic(cfg),
+        WORLD: distributed.world_size(),
     }
 
 

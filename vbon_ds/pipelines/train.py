@@ -163,7 +163,9 @@ class Trainer:
             print(f"train: resumed from {path} at step {self.step}")
 
     def save(self) -> None:
-        """Checkpoint every trainable engine plus the data order and counters (RNG states: checkpoint.py)."""
+        """Checkpoint every trainable engine plus the data order and counters (RNG states: checkpoint.py);
+        logs `time/save`, which with `time/step` sizes the Slurm signal's lead time."""
+        t0 = time.perf_counter()
         state = {
             "step": self.step,
             "bad_steps": self.bad_steps,
@@ -181,6 +183,7 @@ class Trainer:
             keep_last=self.cfg.train.keep_checkpoints,
             run_id=self.run_id,  # saving a step this run already saved (e.g. the last one) is a no-op
         )
+        self.monitor.scalars({"time/save": time.perf_counter() - t0}, self.step)
 
     # ------------------------------------------------------------ one step
 

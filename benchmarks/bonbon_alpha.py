@@ -25,18 +25,18 @@ import time
 
 import torch
 
-from vbon_ds import losses
-from vbon_ds.adapters import apply_trainable_subset, lora_layers
-from vbon_ds.data import load_prompts
+from vbon_ds.algorithms.offline import choose_pairs, ipo_beta
+from vbon_ds.algorithms.onpolicy import answer_batch
+from vbon_ds.algorithms.rollout import encode_prompts, response_texts, response_token_ids
+from vbon_ds.commands.demo import demo_config
+from vbon_ds.core import losses
+from vbon_ds.data.prompts import load_prompts
+from vbon_ds.data.rewards import get_reward_function
 from vbon_ds.engines.base import position_ids
 from vbon_ds.engines.builders import _eos_ids
 from vbon_ds.engines.policy import checkpoint_settings_ignored, finish_rollout, sampling_config
-from vbon_ds.models import load_causal_lm, load_tokenizer
-from vbon_ds.pipelines.demo import demo_config
-from vbon_ds.pipelines.experience import answer_batch
-from vbon_ds.pipelines.offline import choose_pairs, ipo_beta
-from vbon_ds.pipelines.rollout import encode_prompts, response_texts, response_token_ids
-from vbon_ds.rewards import get_reward_function
+from vbon_ds.models.adapters import apply_trainable_subset, lora_layers
+from vbon_ds.models.loading import load_causal_lm, load_tokenizer
 
 
 def sample_answers(model, tok, cfg, texts: list[str]) -> tuple[list[list[int]], list[str]]:

@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from vbon_ds.commands.demo import demo_config
 from vbon_ds.config import dump_config
 from vbon_ds.monitor import read_scalars
-from vbon_ds.pipelines.demo import demo_config
 
 HERE = Path(__file__).resolve().parent
 

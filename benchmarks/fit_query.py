@@ -3,7 +3,8 @@
     python benchmarks/fit_query.py [--words 1000 10000 100000] [--old-words 1000 3000] [--budget 512]
 
 A post of W words on one line (the worst case: every space is a cut point, no newline to cut at first) is
-cut to `--budget` tokens with GPT-2's BPE (`vbon_ds.tiny.make_gpt2_tokenizer`, Pythia's tokenizer). Printed
+cut to `--budget` tokens with GPT-2's BPE (`vbon_ds.models.tiny_models.make_gpt2_tokenizer`, Pythia's
+tokenizer). Printed
 per post: seconds per call (best of 3), tokenizer calls, and the time of a second `fit_prompts` call (served
 from the memo). `--old-words` also times the scan fit_query did before (one tokenizer call per cut point,
 each on the whole remaining query: quadratic in the post's length); it takes minutes beyond a few thousand
@@ -17,8 +18,8 @@ import random
 import tempfile
 import time
 
-from vbon_ds.tiny import make_gpt2_tokenizer
-from vbon_ds.tldr import fit_prompts, fit_query, format_query, parse_query
+from vbon_ds.data.tldr import fit_prompts, fit_query, format_query, parse_query
+from vbon_ds.models.tiny_models import make_gpt2_tokenizer
 
 WORDS = [
     "the", "and", "my", "I", "was", "he", "she", "we", "they", "to", "of", "a", "in", "that", "it", "is",

@@ -3,7 +3,8 @@
     python benchmarks/generation.py [--ranks 2] [--layers 8] [--width 512] [--batch 2 8] [--new-tokens 32]
 
 Launches itself with torchrun on `--ranks` processes (CPU: gloo) when started without a launcher. A random
-Llama-style model (vbon_ds/tiny.py) is sharded with ZeRO-3; every rank samples `--batch` prompts of 16 tokens
+Llama-style model (vbon_ds/models/tiny_models.py) is sharded with ZeRO-3; every rank samples `--batch`
+prompts of 16 tokens
 (for each batch size given) with exactly `--new-tokens` new tokens (min = max, so both modes do identical
 work). Rank 0 prints a markdown table of generated tokens per second over all ranks (best of `--repeats`
 timed calls after one warm-up).
@@ -37,7 +38,7 @@ def _args() -> argparse.Namespace:
 
 def _launch(args: argparse.Namespace) -> None:
     from vbon_ds.engines.distributed import free_port
-    from vbon_ds.tiny import make_tiny_causal_lm
+    from vbon_ds.models.tiny_models import make_tiny_causal_lm
 
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny_causal_lm(tmp, "llama", n_layer=args.layers, width=args.width)

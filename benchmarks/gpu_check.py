@@ -56,7 +56,7 @@ def require_cuda() -> None:
 
 def model_check_overrides(workdir: Path, steps: int) -> list[str]:
     """The experiment of the model check: Pythia-1B-shaped actor and reward model, PPO on ZeRO-3."""
-    from vbon_ds.data import DEMO_PROMPTS
+    from vbon_ds.data.prompts import DEMO_PROMPTS
 
     return [
         f"model.actor={workdir / 'actor'}",
@@ -84,7 +84,7 @@ def model_check_overrides(workdir: Path, steps: int) -> list[str]:
 
 def pythia_1b_config(eos_id: int):
     """A GPT-NeoX config of Pythia-1B's shape (vbon plan's table) with `eos_id` as BOS/EOS/pad."""
-    from vbon_ds.engines.plan import pythia_config
+    from vbon_ds.engines.memory_plan import pythia_config
 
     config = pythia_config("pythia-1b")
     config.bos_token_id = config.eos_token_id = config.pad_token_id = eos_id
@@ -97,7 +97,7 @@ def make_models(workdir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from vbon_ds.tiny import make_tiny_tokenizer
+    from vbon_ds.models.tiny_models import make_tiny_tokenizer
 
     for name, auto in (("actor", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification)):
         tok = make_tiny_tokenizer(workdir / name, vocab_size=1000)
@@ -141,9 +141,9 @@ def run_model_check(workdir: Path, steps: int) -> str:
     import torch
 
     from vbon_ds.config import load_config
-    from vbon_ds.engines.plan import GIB, memory_plan
+    from vbon_ds.engines.memory_plan import GIB, memory_plan
+    from vbon_ds.jobs import build_refcache, train
     from vbon_ds.monitor import read_scalars
-    from vbon_ds.pipelines import build_refcache, train
 
     make_models(workdir)
     cfg = load_config(None, model_check_overrides(workdir, steps))

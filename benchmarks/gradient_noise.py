@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from vbon_ds import bon, losses
-from vbon_ds.data import load_prompts
-from vbon_ds.models import load_causal_lm, load_tokenizer
-from vbon_ds.pipelines.demo import demo_config
-from vbon_ds.refcache import open_refcache
+from vbon_ds.commands.demo import demo_config
+from vbon_ds.core import bon, losses
+from vbon_ds.data.prompts import load_prompts
+from vbon_ds.data.refcache import open_refcache
+from vbon_ds.models.loading import load_causal_lm, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 

@@ -59,7 +59,7 @@ def hf_model_dir(cache: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vbon_ds.pipelines.demo import SMOLLM2_GGUF, smollm2_dir
+    from vbon_ds.commands.demo import SMOLLM2_GGUF, smollm2_dir
 
     source = smollm2_dir()
     gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -85,8 +85,8 @@ def _phase_result(steps: list[dict[str, float]], completion_tokens: list[int], *
 def run_vbon(steps: int, workdir: Path, model_dir: Path, overrides: list[str]) -> dict:
     import torch
 
-    from vbon_ds.pipelines.demo import demo_config
-    from vbon_ds.pipelines.train import Trainer
+    from vbon_ds.commands.demo import demo_config
+    from vbon_ds.jobs.train import Trainer
 
     cfg = demo_config(
         "smollm2",
@@ -140,7 +140,7 @@ def run_trl(steps: int, workdir: Path, model_dir: Path) -> dict:
     from trl import RLOOConfig, RLOOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    if tokenizer.pad_token is None:  # as vbon_ds.models.load_tokenizer does
+    if tokenizer.pad_token is None:  # as vbon_ds.models.loading.load_tokenizer does
         tokenizer.pad_token = tokenizer.eos_token
 
     def vader(prompts: list[str], completions: list[str], **_) -> list[float]:

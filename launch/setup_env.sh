@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   touch "$stamp"
 fi
 if [[ "$pip_extras" == *dev* ]]; then
-  # The tests' GPT-2 BPE ranks (vbon_ds/tiny.py); whisper's own deps (numba, tiktoken, ...) are not needed.
+  # The tests' GPT-2 BPE ranks (vbon_ds/models/tiny_models.py); whisper's own deps (numba, tiktoken, ...) are not needed.
   has whisper || pip_q --no-deps openai-whisper
 fi
 echo "setup_env.sh: $VENV ready (extras: $pip_extras)"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vbon_ds.adapters import add_lora, apply_trainable_subset, lora_layers, merge_lora
 from vbon_ds.config import load_config
 from vbon_ds.errors import VbonError
+from vbon_ds.models.adapters import add_lora, apply_trainable_subset, lora_layers, merge_lora
+from vbon_ds.models.tiny_models import make_tiny_causal_lm
 from vbon_ds.monitor import read_scalars
-from vbon_ds.tiny import make_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_lora_through_the_whole_tiny_pipeline(tmp_path):
 @pytest.mark.slow
 def test_lora_evaluation_gives_the_same_numbers_twice(tmp_path):
     """Two evaluations of one LoRA run, whatever the random state before each: the same table."""
-    from vbon_ds.pipelines import build_refcache, evaluate
-    from vbon_ds.pipelines.demo import demo_config
-    from vbon_ds.pipelines.engines import build_engines
+    from vbon_ds.commands.demo import demo_config
+    from vbon_ds.engines.build import build_engines
+    from vbon_ds.jobs import build_refcache, evaluate
 
     saved_env = dict(os.environ)
     try:

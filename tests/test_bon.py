@@ -7,7 +7,7 @@ import mpmath
 import pytest
 import torch
 
-from vbon_ds.bon import (
+from vbon_ds.core.bon import (
     bon_kl_bound,
     bon_kl_from_samples,
     bon_log_probs,
@@ -340,8 +340,8 @@ def test_cached_estimators_agree_with_the_exact_bon_distribution():
 
 
 def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
+    from vbon_ds.algorithms.onpolicy import objective_reward
     from vbon_ds.config import load_config
-    from vbon_ds.pipelines.experience import objective_reward
 
     refs = torch.tensor([[-2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 2.0, 5.0]])
     scores = torch.tensor([-1.0, 3.0])  # the first answer was cut off and carries missing_eos_score = -1
@@ -363,8 +363,8 @@ def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
 def test_train_log_f_puts_cut_off_answers_at_the_bottom_under_every_vbon_objective():
     # train/log_F is the mean of Scores.log_f: an answer cut off before EOS (scored missing_eos_score = -1,
     # mid-distribution here) must count at -log(M + 1), as the vbon reward credits it.
+    from vbon_ds.algorithms.onpolicy import score
     from vbon_ds.config import load_config
-    from vbon_ds.pipelines.experience import score
 
     refs = torch.tensor([[-2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 2.0, 5.0]])
     rewards, ended = torch.tensor([-1.0, 3.0]), torch.tensor([False, True])

@@ -70,8 +70,8 @@ def test_config_reference_is_markdown(capsys):
 def test_recipes_in_launch_load():
     from pathlib import Path
 
+    from vbon_ds.commands.sweep import load_sweep
     from vbon_ds.config import load_config
-    from vbon_ds.pipelines.sweep import load_sweep
 
     recipes = sorted(Path("launch").glob("*.yaml"))
     assert recipes, "launch/ should hold experiment recipes"

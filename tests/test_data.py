@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vbon_ds.config import DataConfig
-from vbon_ds.data import DEMO_PROMPTS, PromptSampler, load_prompts
+from vbon_ds.data.prompts import DEMO_PROMPTS, PromptSampler, load_prompts
 from vbon_ds.errors import VbonError
 
 ROWS = [{"prompt": f"Prompt number {i}", "split": "validation" if i % 4 == 0 else "train"} for i in range(12)]
@@ -102,7 +102,9 @@ def test_hub_id_goes_through_load_dataset(monkeypatch: pytest.MonkeyPatch) -> No
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"prompt": TRAIN}), "test": None})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr("vbon_ds.models.hub_unavailable", lambda: "")  # the hub answers (no offline mode)
+    monkeypatch.setattr(
+        "vbon_ds.models.loading.hub_unavailable", lambda: ""
+    )  # the hub answers (no offline mode)
     assert load("owner/prompts")[0] == TRAIN
     with pytest.raises(
         VbonError, match=r"'owner/typo' is not a local file .* failed: Dataset 'owner/typo' doesn't"

@@ -18,16 +18,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vbon_ds.bon import bon_kl_bound, bon_kl_from_samples
+from vbon_ds.commands.demo import demo_config
+from vbon_ds.core.bon import bon_kl_bound, bon_kl_from_samples
+from vbon_ds.core.frontier import pareto_front
+from vbon_ds.data.refcache import RefRecord, open_refcache
+from vbon_ds.data.rewards import register_reward
+from vbon_ds.engines.build import build_engines
 from vbon_ds.engines.checkpoint import save_checkpoint
 from vbon_ds.errors import VbonError
-from vbon_ds.frontier import pareto_front
-from vbon_ds.pipelines import build_refcache, evaluate
-from vbon_ds.pipelines.demo import demo_config
-from vbon_ds.pipelines.engines import build_engines
-from vbon_ds.refcache import RefRecord, open_refcache
-from vbon_ds.rewards import register_reward
-from vbon_ds.tiny import make_tiny_causal_lm
+from vbon_ds.jobs import build_refcache, evaluate
+from vbon_ds.models.tiny_models import make_tiny_causal_lm
 
 CACHE_T, OTHER_T, K, N = 1.0, 0.5, 3, 4
 CUT_OFF = 0.375  # reward.missing_eos_score: mid-distribution of the vowel ratios, exact in float32
@@ -105,7 +105,7 @@ def per_prompt_stats(values: list[float]) -> tuple[float, float]:
 def test_policy_rows_equal_direct_computations(evaluated):
     cfg, rows, calls, hf, _ = evaluated
     cache = open_refcache(cfg)
-    from vbon_ds.data import load_prompts
+    from vbon_ds.data.prompts import load_prompts
 
     ids = load_prompts(cfg.data, "eval").ids
     refs = [cache.record(pid).rewards for pid in ids]
@@ -160,7 +160,7 @@ def test_one_kl_axis_the_reference_at_the_cache_temperature_is_at_zero(evaluated
 @pytest.mark.slow
 def test_bon_rows_equal_enumeration_over_the_cache(evaluated):
     cfg, rows, _, _, engines = evaluated
-    from vbon_ds.data import load_prompts
+    from vbon_ds.data.prompts import load_prompts
 
     cache, eos = open_refcache(cfg), engines.tokenizer.eos_token_id
     records = [cache.record(pid) for pid in load_prompts(cfg.data, "eval").ids]
@@ -212,7 +212,7 @@ def test_front_and_report(evaluated, tmp_path):
 
 def test_at_most_one_evaluation_reward_and_a_known_one(tmp_path):
     from vbon_ds.config import ConfigError, load_config
-    from vbon_ds.pipelines.engines import Engines
+    from vbon_ds.engines.build import Engines
 
     with pytest.raises(ConfigError, match=r"reward\.eval_function: 'vader' and reward\.eval_model='m'"):
         load_config(None, ["reward.eval_function=vader", "reward.eval_model=m"])

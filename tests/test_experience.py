@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vbon_ds import bon, losses
+from vbon_ds.algorithms import onpolicy as phases
+from vbon_ds.algorithms.offline import choose_pairs, offline_micro_step
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
-from vbon_ds.pipelines import experience as phases
-from vbon_ds.pipelines.engines import Engines
-from vbon_ds.pipelines.offline import choose_pairs, offline_micro_step
+from vbon_ds.core import bon, losses
+from vbon_ds.engines.build import Engines
 
 VOCAB = 6
 
@@ -300,8 +300,8 @@ def test_micro_step_losses_sum_each_answer_over_max_new_tokens():
 
 
 def test_concat_rollouts_pads_recorded_logprobs_like_the_answers():
+    from vbon_ds.algorithms.rollout import concat_rollouts
     from vbon_ds.engines.policy import Rollout
-    from vbon_ds.pipelines.rollout import concat_rollouts
 
     def part(width: int, value: float) -> Rollout:
         mask = torch.ones(1, width, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""frontier.py against brute force in float64: standard errors, win rate vs BoN(n), BoN under another
+"""core/frontier.py against brute force in float64: standard errors, win rate vs BoN(n), BoN under another
 reward, the Pareto front."""
 
 import itertools
@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from vbon_ds.bon import bon_win_rate, expected_bon_reward
-from vbon_ds.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
+from vbon_ds.core.bon import bon_win_rate, expected_bon_reward
+from vbon_ds.core.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
 
 
 def test_mean_and_se_is_over_prompt_means():

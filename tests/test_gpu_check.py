@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
-from vbon_ds.engines.plan import memory_plan
+from vbon_ds.engines.memory_plan import memory_plan
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vbon_ds.config import AlgoConfig
-from vbon_ds.losses import (
+from vbon_ds.core.losses import (
     bonbon_loss,
     dpo_loss,
     gae,

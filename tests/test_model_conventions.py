@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaForCausalLM
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
-from vbon_ds.data import DEMO_PROMPTS
+from vbon_ds.data.prompts import DEMO_PROMPTS
 from vbon_ds.engines import builders, distributed
 from vbon_ds.engines.builders import build_actor, load_policy_tokenizer, switch_off_dropout
 from vbon_ds.engines.lm_head import logit_scale
 from vbon_ds.errors import VbonError
-from vbon_ds.pipelines.train import Trainer
-from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_tokenizer, tiny_config
+from vbon_ds.jobs.train import Trainer
+from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_tokenizer, tiny_config
 
 DROPOUT_MODELS = {
     "opt": ("opt", {"dropout": 0.3, "attention_dropout": 0.3, "layerdrop": 0.3}),

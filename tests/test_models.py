@@ -12,14 +12,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vbon_ds.errors import VbonError
-from vbon_ds.models import (
+from vbon_ds.models.loading import (
     check_same_vocab,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     load_value_model,
 )
-from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_reward_model, make_tiny_tokenizer
+from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_reward_model, make_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_gguf_model_and_tokenizer(tmp_path):
 
 def test_causal_lm_given_as_reward_model_has_no_score_head(actor_dir):
     from vbon_ds.config import load_config
-    from vbon_ds.models import check_models_fit
+    from vbon_ds.models.loading import check_models_fit
 
     message = r"reward\.model '.*' is a causal language model \(LlamaForCausalLM\) with no score head"
     with pytest.raises(VbonError, match=message):
@@ -124,7 +124,7 @@ def test_causal_lm_given_as_reward_model_has_no_score_head(actor_dir):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # max_position_embeddings, n_positions
 def test_prompt_plus_answer_longer_than_the_context_is_a_config_error(tmp_path, arch):
     from vbon_ds.config import ConfigError, load_config
-    from vbon_ds.models import check_models_fit
+    from vbon_ds.models.loading import check_models_fit
 
     model = make_tiny_causal_lm(tmp_path / arch, arch=arch)  # 128 positions
     fits = load_config(
@@ -145,7 +145,7 @@ def test_prompt_plus_answer_longer_than_the_context_is_a_config_error(tmp_path, 
 
 def actor_dir_of(tmp_path: Path) -> Path:
     """A policy with room for 512 + 50 tokens."""
-    from vbon_ds.tiny import tiny_config
+    from vbon_ds.models.tiny_models import tiny_config
 
     tok = make_tiny_tokenizer(tmp_path / "long")
     config = tiny_config("gpt2", len(tok), tok.eos_token_id)
@@ -169,7 +169,10 @@ def _cache_as_hub_id(model_dir: Path, hf_home: Path, hub_id: str) -> None:
 def _load_config_cli(hub_id: str, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
     """`load_model_config(hub_id)` in a fresh process with its own cache; the timeout only guards a hang
     (the hub libraries' own retries take about 25 s a file)."""
-    code = f"from vbon_ds.models import load_model_config; print(load_model_config({hub_id!r}).model_type)"
+    code = (
+        "from vbon_ds.models.loading import load_model_config; "
+        f"print(load_model_config({hub_id!r}).model_type)"
+    )
     environ = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", **env}
     return subprocess.run(
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120
@@ -204,7 +207,7 @@ def test_the_hub_is_asked_once_per_process_and_never_under_hf_hub_offline(monkey
 
     import huggingface_hub.constants
 
-    from vbon_ds import models
+    from vbon_ds.models import loading as models
 
     asked = []
 
@@ -233,7 +236,7 @@ def test_a_hub_dataset_is_read_offline_when_the_hub_does_not_answer(monkeypatch)
     import datasets
 
     from vbon_ds.config import DataConfig
-    from vbon_ds.data import load_prompts
+    from vbon_ds.data.prompts import load_prompts
 
     offline_while_loading = []
 
@@ -243,7 +246,7 @@ def test_a_hub_dataset_is_read_offline_when_the_hub_does_not_answer(monkeypatch)
 
     monkeypatch.setattr(datasets, "load_dataset", cache_miss)
     monkeypatch.setattr(
-        "vbon_ds.models.hub_unavailable", lambda: "the hub at http://127.0.0.1:9 does not answer"
+        "vbon_ds.models.loading.hub_unavailable", lambda: "the hub at http://127.0.0.1:9 does not answer"
     )
     with pytest.raises(VbonError) as err:
         load_prompts(DataConfig(source="vbon-test/never-downloaded"), "train")

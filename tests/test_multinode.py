@@ -1,7 +1,8 @@
 """Multi-node training on one machine: two "nodes" of one rank each on 127.0.0.1, started as two launcher
 processes with node ranks 0 and 1, the way a multi-node job starts them:
 
-- DeepSpeed's launcher with the hostfile and the `--no_ssh --node_rank N` command that vbon_ds.slurm derives
+- DeepSpeed's launcher with the hostfile and the `--no_ssh --node_rank N` command that vbon_ds.commands.slurm
+derives
   for `--launcher deepspeed` (each Slurm node's task runs exactly this);
 - `torchrun --nnodes 2 --node_rank N`.
 
@@ -22,9 +23,9 @@ from pathlib import Path
 import pytest
 from test_pipeline import launch_env, tiny_config_file, vbon
 
+from vbon_ds.commands.slurm import PORT_COUNT, PORT_FIRST, task_launch
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
-from vbon_ds.slurm import PORT_COUNT, PORT_FIRST, task_launch
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ Command = tuple[list[str], dict[str, str]]
 
 
 def free_port_for_a_slurm_job() -> int:
-    """A free port in vbon_ds.slurm's MASTER_PORT range (a job id is then chosen to land on it)."""
+    """A free port in vbon_ds.commands.slurm's MASTER_PORT range (a job id is then chosen to land on it)."""
     for port in random.sample(range(PORT_FIRST, PORT_FIRST + PORT_COUNT), 200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
@@ -45,7 +46,7 @@ def free_port_for_a_slurm_job() -> int:
 
 
 def deepspeed_nodes(vbon_args: list[str], tmp_path: Path) -> list[Command]:
-    """What the Slurm task of each of two nodes (`localhost`, `127.0.0.1`) would run: vbon_ds.slurm's
+    """What the Slurm task of each of two nodes (`localhost`, `127.0.0.1`) would run: vbon_ds.commands.slurm's
     derivation for `--launcher deepspeed`, one rank per node."""
     job_id = str(free_port_for_a_slurm_job() - PORT_FIRST)
     commands = []

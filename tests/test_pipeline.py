@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vbon_ds.commands.demo import demo_config
 from vbon_ds.config import dump_config
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.monitor import read_scalars
-from vbon_ds.pipelines.demo import demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -244,9 +244,9 @@ def test_sigterm_checkpoints_at_step_boundary_and_exits_cleanly(tmp_path):
 
 
 def test_refcache_interrupted_then_resumed_loses_and_duplicates_nothing(tmp_path):
-    from vbon_ds.data import load_prompts
-    from vbon_ds.pipelines.build_refcache import all_prompts
-    from vbon_ds.refcache import RefCache
+    from vbon_ds.data.prompts import load_prompts
+    from vbon_ds.data.refcache import RefCache
+    from vbon_ds.jobs.build_refcache import all_prompts
 
     config = tiny_config_file(tmp_path, "cache", "train.refcache_shard_prompts=4")
     proc = start_vbon(

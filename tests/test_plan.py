@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 from vbon_ds.cli import PLAN_DOES_NOT_FIT, main
 from vbon_ds.config import load_config
 from vbon_ds.engines.distributed import free_port
-from vbon_ds.engines.plan import GIB, PYTHIA, memory_plan, pythia_config
-from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_reward_model
+from vbon_ds.engines.memory_plan import GIB, PYTHIA, memory_plan, pythia_config
+from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_reward_model
 
 REPO = Path(__file__).resolve().parent.parent
 

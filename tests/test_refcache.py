@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from vbon_ds.config import ExperimentConfig, load_config
-from vbon_ds.content_digest import ModelNotDownloaded, checkpoint_content
-from vbon_ds.errors import VbonError
-from vbon_ds.refcache import (
+from vbon_ds.data.refcache import (
     FINGERPRINT_FILE,
     SETTINGS_KEY,
     SHARD_SCHEMA,
@@ -29,6 +27,8 @@ from vbon_ds.refcache import (
     settings_hash,
     validate_cache,
 )
+from vbon_ds.errors import VbonError
+from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
 
 M = 3
 FINGERPRINT = {"reference": "tiny-ref", "reward_function": "length", "temperature": 1.0, "num_ref_samples": M}
@@ -373,7 +373,7 @@ def test_a_changed_tokenizer_or_reward_is_named(tmp_path: Path) -> None:
 def test_a_large_weight_file_is_sampled_and_still_sees_a_retrained_tensor(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import vbon_ds.content_digest as content_digest
+    import vbon_ds.models.content_digest as content_digest
 
     monkeypatch.setattr(content_digest, "HEAD_BYTES", 1024)
     monkeypatch.setattr(content_digest, "SAMPLES", 16)
@@ -424,8 +424,8 @@ def test_a_cache_that_did_not_record_the_models_content_is_refused(tmp_path: Pat
 def test_refcache_loads_a_model_not_downloaded_yet_before_fingerprinting_it(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from vbon_ds.pipelines import build_refcache
-    from vbon_ds.pipelines.demo import demo_config
+    from vbon_ds.commands.demo import demo_config
+    from vbon_ds.jobs import build_refcache
 
     cfg = demo_config("tiny", tmp_path / "run", ["data.max_train_prompts=2", "data.max_eval_prompts=2"])
     events = []

@@ -1,4 +1,5 @@
-"""Slurm launch: the derivation in vbon_ds/slurm.py, and the real scripts on a running one-node cluster.
+"""Slurm launch: the derivation in vbon_ds/commands/slurm.py, and the real scripts on a running one-node
+cluster.
 
 The fast tests check what each task of a 2-node x 8-GPU allocation runs, for both launchers. The slow test
 installs Debian's slurm-wlm when it is missing, starts slurmctld and slurmd on loopback (free ports, a
@@ -24,10 +25,7 @@ import pytest
 import torch
 from test_pipeline import REQUIRED_TAGS, final_weights, launch_env, tiny_config_file, vbon
 
-from vbon_ds.engines.distributed import free_port
-from vbon_ds.monitor import read_scalars
-from vbon_ds.pipelines.build_refcache import part_indices
-from vbon_ds.slurm import (
+from vbon_ds.commands.slurm import (
     REQUEUE_MARGIN_S,
     expand_hostlist,
     job_vbon_args,
@@ -35,6 +33,9 @@ from vbon_ds.slurm import (
     step_command,
     task_launch,
 )
+from vbon_ds.engines.distributed import free_port
+from vbon_ds.jobs.build_refcache import part_indices
+from vbon_ds.monitor import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "launch" / "submit.sh"
@@ -122,7 +123,7 @@ def test_master_port_is_fixed_per_job_and_outside_the_ephemeral_range():
 
 def test_job_step_and_arguments():
     batch = {**ALLOCATION, "SLURM_CPUS_PER_TASK": "12", "SLURM_CPUS_ON_NODE": "96"}
-    task = [PY, "-m", "vbon_ds.slurm", "task"]
+    task = [PY, "-m", "vbon_ds.commands.slurm", "task"]
     assert step_command("srun", VBON, batch) == [
         "srun", "--kill-on-bad-exit=1", "--cpus-per-task=12", *task, "--launcher", "srun", *VBON,
     ]  # fmt: skip
@@ -198,7 +199,7 @@ def test_train_job_requeues_before_its_time_limit_when_the_step_outlasts_the_lea
     env = {**launch_env(), **ALLOCATION, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE": str(tmp_path)}
     env["FAKE_END_IN"] = str(REQUEUE_MARGIN_S + 2)
     job = subprocess.Popen(
-        [PY, "-m", "vbon_ds.slurm", "job", "train", "--config", "c.yaml"],
+        [PY, "-m", "vbon_ds.commands.slurm", "job", "train", "--config", "c.yaml"],
         env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     calls = tmp_path / "calls"

@@ -14,10 +14,10 @@ import matplotlib.image
 import pytest
 import yaml
 
+from vbon_ds.commands.sweep import SweepDriver, load_sweep
 from vbon_ds.config import ConfigError, load_config
 from vbon_ds.errors import VbonError
 from vbon_ds.monitor import read_scalars
-from vbon_ds.pipelines.sweep import SweepDriver, load_sweep
 
 
 def write_sweep(path: Path, runs: list[dict], **top) -> Path:
@@ -87,7 +87,7 @@ def test_run_configs_are_checked_before_any_work_and_share_one_cache(tmp_path):
 
 
 def test_the_sweeps_directory_is_named_as_its_output_dir(tmp_path):
-    from vbon_ds.pipelines.sweep import run_sweep
+    from vbon_ds.commands.sweep import run_sweep
 
     (tmp_path / "file").write_text("x")
     path = write_sweep(tmp_path / "s.yaml", [{"name": "a"}], output_dir=str(tmp_path / "file" / "sweep"))
@@ -98,7 +98,7 @@ def test_the_sweeps_directory_is_named_as_its_output_dir(tmp_path):
 
 
 def test_a_stage_leaves_no_process_behind(tmp_path):
-    from vbon_ds.pipelines.sweep import _run_to_the_end
+    from vbon_ds.commands.sweep import _run_to_the_end
 
     # The stage starts a helper of its own and exits: the helper must not outlive the stage.
     helper = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', sys.argv[1]]).pid)"
@@ -135,7 +135,7 @@ def wait_for(condition, what: str, seconds: float = 600):
 def test_a_stage_dies_with_a_killed_sweep(tmp_path):
     # A sweep process (here: the function that runs its stages) killed with SIGKILL, which it cannot handle.
     sweep = (
-        "import sys; from vbon_ds.pipelines.sweep import _run_to_the_end\n"
+        "import sys; from vbon_ds.commands.sweep import _run_to_the_end\n"
         "stage = [sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(600)']\n"
         "_run_to_the_end(stage, open(sys.argv[1], 'w'))\n"
     )
@@ -265,7 +265,7 @@ def read_scalars_if_any(events: Path) -> dict:
 
 def test_run_settings_name_method_n_and_beta():
     from vbon_ds.config import config_to_dict
-    from vbon_ds.pipelines.evaluate import run_setting
+    from vbon_ds.jobs.evaluate import run_setting
 
     def setting(*overrides: str) -> str:
         return run_setting(config_to_dict(load_config(None, list(overrides))))

@@ -12,18 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vbon_ds import data as data_module
+from vbon_ds.algorithms.offline import ReferenceLogProbs, offline_experience
+from vbon_ds.algorithms.rollout import encode_prompts, sample_and_score
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import DataConfig, load_config
-from vbon_ds.data import PromptSet, load_prompts
+from vbon_ds.data import prompts as data_module
+from vbon_ds.data.prompts import PromptSet, load_prompts
+from vbon_ds.data.refcache import RefRecord
+from vbon_ds.data.tldr import fit_prompts, fit_query, format_query, parse_query
+from vbon_ds.engines.build import Engines
 from vbon_ds.engines.policy import Rollout
 from vbon_ds.errors import VbonError
-from vbon_ds.pipelines.engines import Engines
-from vbon_ds.pipelines.offline import ReferenceLogProbs, offline_experience
-from vbon_ds.pipelines.rollout import encode_prompts, sample_and_score
-from vbon_ds.refcache import RefRecord
-from vbon_ds.tiny import make_gpt2_tokenizer
-from vbon_ds.tldr import fit_prompts, fit_query, format_query, parse_query
+from vbon_ds.models.tiny_models import make_gpt2_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tldr"
 
@@ -107,7 +107,8 @@ def _copy_with_row(tmp_path: Path, layout: str, index: int, edit) -> Path:
 
 @pytest.fixture
 def capture_data_lines(capsys):
-    """stdout with data.py's once-a-process lines printed again (other tests may have loaded these files)."""
+    """stdout with data/prompts.py's once-a-process lines printed again (other tests may have loaded these
+    files)."""
     data_module._say_once.cache_clear()
     return capsys
 

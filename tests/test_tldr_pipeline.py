@@ -17,10 +17,10 @@ from test_pipeline import vbon
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from vbon_ds.config import dump_config, load_config
+from vbon_ds.data.refcache import RefCache
+from vbon_ds.data.tldr import fit_query
+from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_reward_model
 from vbon_ds.monitor import read_scalars
-from vbon_ds.refcache import RefCache
-from vbon_ds.tiny import make_tiny_causal_lm, make_tiny_reward_model
-from vbon_ds.tldr import fit_query
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,9 @@ claim (vBoN ends closer to pi_BoN than the best KL-RL) is checked at every N of 
 import pytest
 import torch
 
-from vbon_ds import toy
-from vbon_ds.bon import bon_kl_bound, vbon_beta, vbon_reward
-from vbon_ds.toy import (
+from vbon_ds.core import toy
+from vbon_ds.core.bon import bon_kl_bound, vbon_beta, vbon_reward
+from vbon_ds.core.toy import (
     expected_value,
     format_toy_table,
     kl_divergence,

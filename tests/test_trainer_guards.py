@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from vbon_ds.batching import batch_sizes
+from vbon_ds.commands.demo import demo_config
 from vbon_ds.config import ConfigError, ExperimentConfig, load_config
+from vbon_ds.data.rewards import register_reward
 from vbon_ds.errors import VbonError
+from vbon_ds.jobs import build_refcache, evaluate
+from vbon_ds.jobs.train import Trainer, objective_beta
+from vbon_ds.models.tiny_models import make_tiny_causal_lm
 from vbon_ds.monitor import read_scalars
-from vbon_ds.pipelines import build_refcache, evaluate
-from vbon_ds.pipelines.demo import demo_config
-from vbon_ds.pipelines.train import Trainer, objective_beta
-from vbon_ds.rewards import register_reward
-from vbon_ds.tiny import make_tiny_causal_lm
 
 pytestmark = pytest.mark.slow
 

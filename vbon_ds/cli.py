@@ -50,13 +50,13 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 
 def _cmd_toy(args: argparse.Namespace) -> None:
-    from vbon_ds.toy import format_toy_table, run_toy
+    from vbon_ds.core.toy import format_toy_table, run_toy
 
     print(format_toy_table(run_toy(ns=args.n, seed=args.seed, sampled=args.sampled)))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from vbon_ds.pipelines.demo import run_demo
+    from vbon_ds.commands.demo import run_demo
 
     run_demo(preset=args.preset, output_dir=args.output_dir, extra=args.overrides)
 
@@ -82,21 +82,21 @@ def _card_size(text: str) -> float:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from vbon_ds.engines.plan import format_plan, memory_plan
+    from vbon_ds.engines.memory_plan import format_plan, memory_plan
 
     plan = memory_plan(load_config(args.config, args.overrides), args.world_size)
     print(format_plan(plan, args.gpu_memory_gb))
     return 0 if plan.fits(args.gpu_memory_gb) else PLAN_DOES_NOT_FIT
 
 
-def _pipeline(module: str) -> Callable[[argparse.Namespace], None]:
-    """A subcommand that loads the config and hands it to vbon_ds.pipelines.<module>.run."""
+def _job(module: str) -> Callable[[argparse.Namespace], None]:
+    """A subcommand that loads the config and hands it to vbon_ds.jobs.<module>.run."""
 
     def command(args: argparse.Namespace) -> None:
         import importlib
 
         cfg = load_config(args.config, args.overrides)
-        importlib.import_module(f"vbon_ds.pipelines.{module}").run(cfg)
+        importlib.import_module(f"vbon_ds.jobs.{module}").run(cfg)
 
     return command
 
@@ -110,19 +110,19 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def _cmd_refcache(args: argparse.Namespace) -> None:
-    from vbon_ds.pipelines import build_refcache
+    from vbon_ds.jobs import build_refcache
 
     build_refcache.run(load_config(args.config, args.overrides), part=args.part)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from vbon_ds.pipelines import evaluate
+    from vbon_ds.jobs import evaluate
 
     evaluate.run(load_config(args.config, args.overrides), run_dirs=args.runs, out=args.out)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from vbon_ds.pipelines.sweep import run_sweep
+    from vbon_ds.commands.sweep import run_sweep
 
     run_sweep(args.config)
 
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
-        p.set_defaults(func=_pipeline(module))
+        p.set_defaults(func=_job(module))
     evaluate = sub.add_parser(
         "evaluate",
         help="policies vs reference vs BoN(n) on one reward-KL plane: reward, KL, win rates, Pareto front",

@@ -1,8 +1,8 @@
 """Partial training under ZeRO-3 (torchrun --nproc_per_node 2): model.trainable_layers and LoRA adapters.
 
-    python tests/dist/partial_check.py WORKDIR MODE     # WORKDIR/actor from vbon_ds/tiny.py; MODE: layers | lora
+    python tests/dist/partial_check.py WORKDIR MODE     # WORKDIR/actor from vbon_ds/models/tiny_models.py; MODE: layers | lora
 
-Against a plain Hugging Face model with the same trainable subset (vbon_ds.adapters) and plain AdamW:
+Against a plain Hugging Face model with the same trainable subset (vbon_ds.models.adapters) and plain AdamW:
 which parameters train, the weights after two steps, frozen weights untouched, and (LoRA) the reference as
 the actor with its adapters off, equal to the untrained model. Then checkpoint, step, resume, step
 (identical loss and weights), the HF export (LoRA merged), and each rank's measured element counts of
@@ -23,7 +23,7 @@ from engines_check import plain_logprobs as plain_lp
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from vbon_ds.adapters import apply_trainable_subset
+from vbon_ds.models.adapters import apply_trainable_subset
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
 from vbon_ds.engines import distributed

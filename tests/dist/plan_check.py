@@ -1,6 +1,6 @@
 """The bytes each rank's ZeRO-2 or ZeRO-3 actor holds, for `vbon plan` to compare with (torchrun, 2 ranks).
 
-    python tests/dist/plan_check.py WORKDIR STAGE   # WORKDIR/actor from vbon_ds/tiny.py; STAGE: zero2 | zero3
+    python tests/dist/plan_check.py WORKDIR STAGE   # WORKDIR/actor from vbon_ds/models/tiny_models.py; STAGE: zero2 | zero3
 
 One bf16 training step on the tiny actor; measured per rank: the 16-bit weights this rank keeps, the 16-bit
 gradient buffer after backward, the fp32 gradient copy each optimizer step works on (caught inside the step,

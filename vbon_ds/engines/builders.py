@@ -12,7 +12,8 @@ Trainable engines take their ZeRO stage from deepspeed.config, AdamW and gradien
 DeepSpeed config, and a warmup + constant/cosine LR schedule over `optimizer_steps(cfg)` optimizer steps.
 Frozen engines are ZeRO-3 (from the zero3 template when deepspeed.config is a lower stage); a world of one
 runs every engine at stage 0 unless something is offloaded (ds_config.py).
-Trainable models train the weights model.trainable_layers / model.lora_rank choose (vbon_ds/adapters.py).
+Trainable models train the weights model.trainable_layers / model.lora_rank choose
+(vbon_ds/models/adapters.py).
 Each model loads while its `HfDeepSpeedConfig` is alive, so under ZeRO-3 transformers initialises and loads
 it partitioned. Dropout is switched off everywhere (`switch_off_dropout`): PPO compares log-probs of the same
 tokens across passes, so a training forward must compute what sampling and the no-grad forwards computed.
@@ -30,9 +31,9 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from vbon_ds.adapters import apply_trainable_subset
 from vbon_ds.batching import BatchSizes
 from vbon_ds.config import ExperimentConfig
+from vbon_ds.data.rewards import get_reward_function
 from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.engines.critic import CriticEngine, TokenValueModel
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
@@ -40,7 +41,8 @@ from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import LastTokenReward, RewardScorer
 from vbon_ds.errors import VbonError
-from vbon_ds.models import (
+from vbon_ds.models.adapters import apply_trainable_subset
+from vbon_ds.models.loading import (
     check_same_vocab,
     load_causal_lm,
     load_model_config,
@@ -48,7 +50,6 @@ from vbon_ds.models import (
     load_tokenizer,
     load_value_model,
 )
-from vbon_ds.rewards import get_reward_function
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from vbon_ds.adapters import merge_lora
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.errors import VbonError, writing
+from vbon_ds.models.adapters import merge_lora
 
 _TAG = "state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")

@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from vbon_ds.adapters import lora_layers
 from vbon_ds.engines.policy import PolicyEngine
+from vbon_ds.models.adapters import lora_layers
 
 
 class AdapterReference:

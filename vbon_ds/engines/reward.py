@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vbon_ds.data.rewards import RewardFn
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.engines.critic import token_scores
-from vbon_ds.rewards import RewardFn
 
 
 class LastTokenReward(torch.nn.Module):

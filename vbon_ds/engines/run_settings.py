@@ -29,11 +29,11 @@ import sys
 from typing import Any
 
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.content_digest import ModelNotDownloaded, checkpoint_content
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import _accelerator
 from vbon_ds.engines.ds_config import precision
 from vbon_ds.errors import VbonError
+from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
 
 SETTINGS_KEY = "weights_settings"
 CONTENT = "model.actor content"

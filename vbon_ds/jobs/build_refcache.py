@@ -14,14 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vbon_ds.algorithms.rollout import response_token_ids, sample_and_score, shard_evenly
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.data import PromptSet
-from vbon_ds.engines import distributed
-from vbon_ds.errors import VbonError
-from vbon_ds.models import check_models_fit
-from vbon_ds.pipelines.engines import build_engines
-from vbon_ds.pipelines.rollout import response_token_ids, sample_and_score, shard_evenly
-from vbon_ds.refcache import (
+from vbon_ds.data.prompts import PromptSet
+from vbon_ds.data.refcache import (
     CacheSummary,
     RefCacheWriter,
     RefRecord,
@@ -32,6 +28,10 @@ from vbon_ds.refcache import (
     refcache_dir,
     validate_cache,
 )
+from vbon_ds.engines import distributed
+from vbon_ds.engines.build import build_engines
+from vbon_ds.errors import VbonError
+from vbon_ds.models.loading import check_models_fit
 from vbon_ds.runlock import prepare_output_dir, run_lock
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vbon_ds import bon
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.data import load_prompts
+from vbon_ds.core import bon
+from vbon_ds.data.prompts import load_prompts
+from vbon_ds.data.refcache import open_refcache
 from vbon_ds.errors import VbonError, writing
-from vbon_ds.refcache import open_refcache
 
 
 def run(cfg: ExperimentConfig) -> Path:

@@ -19,10 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vbon_ds import bon
+from vbon_ds.algorithms import onpolicy as phases
+from vbon_ds.algorithms.offline import (
+    OFFLINE_ALGOS,
+    ReferenceLogProbs,
+    offline_experience,
+    offline_micro_step,
+)
 from vbon_ds.config import ExperimentConfig, config_to_dict
-from vbon_ds.data import PromptSampler, load_prompts
+from vbon_ds.core import bon
+from vbon_ds.data.prompts import PromptSampler, load_prompts
+from vbon_ds.data.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
 from vbon_ds.engines import distributed
+from vbon_ds.engines.build import Engines, build_training_engines
 from vbon_ds.engines.checkpoint import (
     export_hf,
     load_checkpoint,
@@ -38,18 +47,9 @@ from vbon_ds.engines.run_settings import (
     weights_settings,
 )
 from vbon_ds.errors import VbonError
-from vbon_ds.models import check_models_fit
+from vbon_ds.models.loading import check_models_fit
 from vbon_ds.monitor import Monitor
-from vbon_ds.pipelines import experience as phases
-from vbon_ds.pipelines.engines import Engines, build_training_engines
-from vbon_ds.pipelines.offline import (
-    OFFLINE_ALGOS,
-    ReferenceLogProbs,
-    offline_experience,
-    offline_micro_step,
-)
 from vbon_ds.preemption import StopRequest
-from vbon_ds.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
 from vbon_ds.runlock import run_lock
 
 

@@ -12,7 +12,7 @@ its rows have a `split` column, each role takes the rows whose `split` equals `d
 `data.eval_split`; otherwise the last tenth of the rows (at least one) is the evaluation set and the rest
 is the training set, so the two never overlap.
 
-`data.format` reads Reddit TL;DR data (vbon_ds/tldr.py): with `tldr`, or `auto` and rows that have
+`data.format` reads Reddit TL;DR data (vbon_ds/data/tldr.py): with `tldr`, or `auto` and rows that have
 `subreddit`/`title`/`post` columns or whose prompt column (else `query`) holds a TL;DR query in any row,
 each prompt is the OpenAI-style query "SUBREDDIT: r/...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:" built from the
 row, and a row that is not one is an error naming it. `auto` prints the layout it chose and why, once.
@@ -38,15 +38,15 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vbon_ds import tldr
 from vbon_ds.config import DataConfig
+from vbon_ds.data import tldr
 from vbon_ds.errors import VbonError
 
 ID_COLUMN = "id"
 SPLIT_COLUMN = "split"
 EVAL_FRACTION = 0.1
 """Share of rows held out for evaluation from a source that has neither splits nor a `split` column."""
-DEMO_PROMPTS = Path(__file__).parent / "resources" / "prompts" / "movie_reviews.jsonl"
+DEMO_PROMPTS = Path(__file__).parent.parent / "resources" / "prompts" / "movie_reviews.jsonl"
 """Movie-review openings shipped for `vbon demo` (40 train, 8 validation)."""
 
 
@@ -223,7 +223,7 @@ def _dataset_table(ds: Any, name: str, data: DataConfig) -> _Table:
 def _hub_splits(data: DataConfig) -> dict[str, Callable[[], list[_Table]]]:
     import datasets
 
-    from vbon_ds.models import hub_cache_only, not_cached_error
+    from vbon_ds.models.loading import hub_cache_only, not_cached_error
 
     with hub_cache_only() as offline_reason:  # no network: the cached copy, or one line at once
         try:

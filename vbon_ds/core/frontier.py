@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vbon_ds.bon import _log_binom, _order_stats
+from vbon_ds.core.bon import _log_binom, _order_stats
 
 
 def mean_and_se(values: Tensor) -> tuple[float, float]:

@@ -13,10 +13,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vbon_ds.config import GenerationConfig
+from vbon_ds.data.tldr import fit_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.engines.policy import PolicyEngine, Rollout
 from vbon_ds.engines.reward import RewardScorer
-from vbon_ds.tldr import fit_prompts
 
 
 def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:

@@ -64,7 +64,7 @@ def training_needs(cfg: ExperimentConfig) -> EngineNeeds:
     """The engines `vbon train` builds: a trainable actor and the reference (also BoN-SFT's log-ratio
     statistic); the reward scorer only on-policy (offline baselines read scored answers from the cache);
     the critic only for PPO."""
-    from vbon_ds.pipelines.offline import OFFLINE_ALGOS  # offline.py imports this module
+    from vbon_ds.algorithms.offline import OFFLINE_ALGOS  # offline.py imports this module
 
     on_policy = cfg.algo.name not in OFFLINE_ALGOS
     return EngineNeeds(actor="train", reference=True, scorer=on_policy, critic=cfg.algo.name == "ppo")

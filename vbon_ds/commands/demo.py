@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from vbon_ds.config import EMPTY_OUTPUT_DIR, ConfigError, ExperimentConfig, load_config, parse_override
-from vbon_ds.data import DEMO_PROMPTS, load_prompts
+from vbon_ds.data.prompts import DEMO_PROMPTS, load_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.errors import VbonError
 from vbon_ds.runlock import run_lock
@@ -113,7 +113,7 @@ def demo_config(
     if preset == "tiny":
         model_dir = output_dir / "model"
         if distributed.is_main() and not (model_dir / "config.json").exists():
-            from vbon_ds.tiny import SENTENCES, make_tiny_causal_lm
+            from vbon_ds.models.tiny_models import SENTENCES, make_tiny_causal_lm
 
             prompts = load_prompts(load_config(None, [f"data.source={DEMO_PROMPTS}"]).data, "train").texts
             make_tiny_causal_lm(model_dir, corpus=[*SENTENCES, *prompts])
@@ -128,9 +128,9 @@ def run_demo(
     preset: str = "smollm2", output_dir: str | Path | None = None, extra: list[str] | None = None
 ) -> None:
     """refcache -> train -> evaluate on the preset, printing the evaluation table at the end."""
-    from vbon_ds.pipelines import build_refcache
-    from vbon_ds.pipelines.evaluate import evaluate, format_table, share_of_bon_gain, write_report
-    from vbon_ds.pipelines.train import Trainer
+    from vbon_ds.jobs import build_refcache
+    from vbon_ds.jobs.evaluate import evaluate, format_table, share_of_bon_gain, write_report
+    from vbon_ds.jobs.train import Trainer
 
     distributed.init_distributed()
     output_dir = demo_output_dir(output_dir, list(extra or []))

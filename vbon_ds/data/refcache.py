@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 import torch
 
 from vbon_ds.config import ExperimentConfig, RewardConfig
-from vbon_ds.content_digest import ModelNotDownloaded, checkpoint_content
-from vbon_ds.data import load_prompts
+from vbon_ds.data.prompts import load_prompts
+from vbon_ds.data.rewards import get_reward_function
 from vbon_ds.errors import VbonError, writing
-from vbon_ds.rewards import get_reward_function
+from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
 
 # 3: fingerprint.json records the models' content (model_content); 2 recorded their paths only.
 FORMAT_VERSION = 3

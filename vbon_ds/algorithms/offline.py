@@ -14,19 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from vbon_ds import losses
-from vbon_ds.config import ExperimentConfig
-from vbon_ds.data import PromptSet
-from vbon_ds.engines import distributed
-from vbon_ds.pipelines.engines import Engines
-from vbon_ds.pipelines.experience import (
+from vbon_ds.algorithms.onpolicy import (
     Experience,
     MicroStep,
     answer_batch,
     backward_and_step,
     policy_logprobs,
 )
-from vbon_ds.refcache import RefCache
+from vbon_ds.config import ExperimentConfig
+from vbon_ds.core import losses
+from vbon_ds.data.prompts import PromptSet
+from vbon_ds.data.refcache import RefCache
+from vbon_ds.engines import distributed
+from vbon_ds.engines.build import Engines
 
 OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
 PAIR_ALGOS = ("dpo", "ipo", "bonbon")

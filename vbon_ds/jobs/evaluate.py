@@ -32,10 +32,17 @@ from typing import Any
 
 import torch
 
-from vbon_ds import bon
+from vbon_ds.algorithms.onpolicy import TokenBatch, policy_logprobs
+from vbon_ds.algorithms.rollout import ScoredRollout, sample_and_score, shard_evenly
 from vbon_ds.config import ConfigError, ExperimentConfig
-from vbon_ds.data import load_prompts
+from vbon_ds.core import bon
+from vbon_ds.core.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
+from vbon_ds.data.prompts import load_prompts
+from vbon_ds.data.refcache import RefCache, open_refcache
+from vbon_ds.data.rewards import reward_names
+from vbon_ds.data.tldr import fit_prompts
 from vbon_ds.engines import distributed
+from vbon_ds.engines.build import Engines, build_engines
 from vbon_ds.engines.builders import build_reward
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.engines.lora import AdapterReference
@@ -44,14 +51,7 @@ from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.engines.run_settings import check_resume_compatible, recorded_settings, weights_settings
 from vbon_ds.engines.weights import load_trained_weights
 from vbon_ds.errors import VbonError, writing
-from vbon_ds.frontier import expected_bon_other_reward, mean_and_se, pareto_front, win_rate_vs_bon
-from vbon_ds.pipelines.engines import Engines, build_engines
-from vbon_ds.pipelines.experience import TokenBatch, policy_logprobs
-from vbon_ds.pipelines.rollout import ScoredRollout, sample_and_score, shard_evenly
-from vbon_ds.refcache import RefCache, open_refcache
-from vbon_ds.rewards import reward_names
 from vbon_ds.runlock import prepare_output_dir
-from vbon_ds.tldr import fit_prompts
 
 OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
 FRESH_REFERENCE = "reference (fresh)"

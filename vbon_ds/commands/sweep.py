@@ -48,9 +48,9 @@ from typing import Any
 import yaml
 
 from vbon_ds.config import ConfigError, ExperimentConfig, _load_yaml, dump_config, load_config
+from vbon_ds.data.refcache import fingerprint_from_config, open_refcache, prompt_texts
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.errors import VbonError, writing
-from vbon_ds.refcache import fingerprint_from_config, open_refcache, prompt_texts
 from vbon_ds.runlock import run_lock
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -130,7 +130,7 @@ def _launcher(text: str) -> list[str]:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep YAML; every message names the field (runs[i] for a run)."""
-    from vbon_ds.pipelines.demo import PRESETS
+    from vbon_ds.commands.demo import PRESETS
 
     path = Path(path)
     if not path.is_file():
@@ -208,7 +208,7 @@ class SweepDriver:
         shared = [f"train.output_dir={self.cache_dir}", f"train.refcache_dir={self.cache_dir}"]
         try:
             if sweep.preset:
-                from vbon_ds.pipelines.demo import demo_config
+                from vbon_ds.commands.demo import demo_config
 
                 # The tiny preset makes its model under the directory given: the sweep's own.
                 _write_config(path, demo_config(sweep.preset, self.root, sweep.base_overrides))

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vbon_ds import bon, losses
+from vbon_ds.algorithms.rollout import ScoredRollout, encode_prompts, sample_and_score
 from vbon_ds.batching import BatchSizes
 from vbon_ds.config import ExperimentConfig
+from vbon_ds.core import bon, losses
 from vbon_ds.engines import distributed
+from vbon_ds.engines.build import Engines
 from vbon_ds.engines.policy import Rollout
-from vbon_ds.pipelines.engines import Engines
-from vbon_ds.pipelines.rollout import ScoredRollout, encode_prompts, sample_and_score
 
 
 @dataclass

@@ -7,7 +7,7 @@ random table of the same shape. Two rewards: "distinct" (continuous, no ties) an
 integer score with many ties).
 
 Every method sees the same cache of M reference samples, as in the real pipeline: vBoN reads F from it
-through `vbon_ds.bon.vbon_reward`, BoN-SFT trains on the best of each N of it, and KL-RL uses the raw
+through `vbon_ds.core.bon.vbon_reward`, BoN-SFT trains on the best of each N of it, and KL-RL uses the raw
 reward. Training uses either exact expectations over all sequences or sampled policy gradients with the
 trainer's functions (k1 KL penalty, `losses.rloo_advantages`, PPO loss). Evaluation is always exact.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vbon_ds.bon import bon_log_probs, vbon_beta, vbon_reward
-from vbon_ds.losses import kl_penalty, ppo_policy_loss, rloo_advantages, sft_nll
+from vbon_ds.core.bon import bon_log_probs, vbon_beta, vbon_reward
+from vbon_ds.core.losses import kl_penalty, ppo_policy_loss, rloo_advantages, sft_nll
 
 NUM_REFS = 512  # M: reference samples per prompt in the cache
 KL_RL_BETAS = torch.logspace(-2, 1, 25).tolist()  # KL-RL sweep, in units of the reward's std under pi_ref

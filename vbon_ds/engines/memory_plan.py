@@ -4,14 +4,14 @@
     print(format_plan(plan, gpu_memory_gb=80))
 
 The engines are the ones `vbon train` builds for algo.name, decided by the same function
-(vbon_ds.pipelines.engines.training_needs; the one import from the pipelines layer): ppo = actor, reference,
+(vbon_ds.engines.build.training_needs; the one import from the pipelines layer): ppo = actor, reference,
 reward, critic; rloo = actor, reference, reward; the offline baselines (bon_sft, dpo, ipo, bonbon) = actor and
 reference, with no rollout and no scoring phase (their answers and rewards come from the reference cache).
 
 Model shapes come from the checkpoints' configs (AutoConfig: no weights are loaded; a hub id needs the
 network) and, when the hub is unreachable, from a built-in table of the Pythia configs the TL;DR recipes use.
 Parameter counts are exact: each model is built on the meta device with the run's trainable subset
-(vbon_ds.adapters), so LoRA adapters, frozen layers and tied heads count as they will in the engines.
+(vbon_ds.models.adapters), so LoRA adapters, frozen layers and tied heads count as they will in the engines.
 
 Per engine and GPU, in the run's dtype (bfloat16 under model.dtype=auto on a GPU):
 - parameters: ZeRO-3 keeps ceil(n / W) elements of each tensor per rank, plus a whole copy of the tensors
@@ -59,14 +59,14 @@ from transformers import (
     PretrainedConfig,
 )
 
-from vbon_ds.adapters import apply_trainable_subset, decoder_blocks
+from vbon_ds.algorithms.offline import OFFLINE_ALGOS, PAIR_ALGOS
 from vbon_ds.batching import BatchSizes, batch_sizes
 from vbon_ds.config import ExperimentConfig, ModelConfig
+from vbon_ds.engines.build import training_needs
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
 from vbon_ds.errors import VbonError
-from vbon_ds.models import load_model_config
-from vbon_ds.pipelines.engines import training_needs
-from vbon_ds.pipelines.offline import OFFLINE_ALGOS, PAIR_ALGOS
+from vbon_ds.models.adapters import apply_trainable_subset, decoder_blocks
+from vbon_ds.models.loading import load_model_config
 
 GIB = 1024**3
 MARGIN = 0.9  # the share of the card a plan may fill

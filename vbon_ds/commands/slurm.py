@@ -1,6 +1,7 @@
 """Slurm launch: the one place that turns a job's SLURM_* variables into the commands that run.
 
-`launch/slurm_vbon.sbatch` execs `python -m vbon_ds.slurm job [--launcher srun|deepspeed] STAGE ARGS...`:
+`launch/slurm_vbon.sbatch` execs `python -m vbon_ds.commands.slurm job [--launcher srun|deepspeed] STAGE
+ARGS...`:
 
   job   runs as the batch script on the first node: starts one job step with srun and waits for it.
         Slurm's USR1 (`sbatch --signal=B:USR1@T`) reaches this process. For `train` it is forwarded to the
@@ -154,7 +155,7 @@ def job_vbon_args(stage: str, args: Sequence[str], env: Mapping[str, str]) -> li
 def step_command(
     launcher: str, vbon_args: Sequence[str], env: Mapping[str, str], python: str = sys.executable
 ) -> list[str]:
-    """The srun command that starts the job step: every task runs `python -m vbon_ds.slurm task`."""
+    """The srun command that starts the job step: every task runs `python -m vbon_ds.commands.slurm task`."""
     command = ["srun", "--kill-on-bad-exit=1"]
     if launcher == "deepspeed":
         nodes = _need(env, "SLURM_JOB_NUM_NODES")
@@ -164,7 +165,7 @@ def step_command(
         cpus = env.get("SLURM_CPUS_PER_TASK")  # srun does not inherit sbatch's --cpus-per-task (22.05+)
     if cpus:
         command.append(f"--cpus-per-task={cpus}")
-    return [*command, python, "-m", "vbon_ds.slurm", "task", "--launcher", launcher, *vbon_args]
+    return [*command, python, "-m", "vbon_ds.commands.slurm", "task", "--launcher", launcher, *vbon_args]
 
 
 def run_task(launcher: str, vbon_args: Sequence[str]) -> None:
@@ -255,7 +256,9 @@ def run_job(launcher: str, stage: str, args: Sequence[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vbon_ds.slurm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vbon_ds.commands.slurm", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("job", "run a vbon stage as this Slurm batch job (the sbatch script execs this)"),

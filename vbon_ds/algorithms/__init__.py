@@ -1,0 +1,2 @@
+"""Layer 5a, algorithms: the registry of algorithms, the objective, rollouts, on-policy and offline
+experience."""

@@ -348,10 +348,11 @@ def test_train_objective_reward_applies_the_missing_eos_rule_per_objective():
     ended = torch.tensor([False, True])
 
     def reward(*overrides: str) -> torch.Tensor:
-        cfg = load_config(None, ["vbon.n=4", "vbon.beta=0.1", *overrides])
+        cfg = load_config(None, ["vbon.n=4", *overrides])
         return objective_reward(cfg, scores, refs, ended)
 
-    assert reward("vbon.objective=kl_rl", "reward.missing_eos_score=-1").tolist() == [-1.0, 3.0]
+    kl_rl = reward("vbon.objective=kl_rl", "vbon.beta=0.1", "reward.missing_eos_score=-1")
+    assert kl_rl.tolist() == [-1.0, 3.0]
     lowest = -math.log(5)
     torch.testing.assert_close(reward("reward.missing_eos_score=-1"), torch.tensor([lowest, math.log(4 / 5)]))
     exact = reward("vbon.objective=vbon_exact", "reward.missing_eos_score=-1")

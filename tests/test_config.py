@@ -10,9 +10,9 @@ from vbon_ds.config import (
     ExperimentConfig,
     config_reference,
     dump_config,
-    field_docs,
     load_config,
 )
+from vbon_ds.config_parsing import field_docs
 
 
 def write_yaml(tmp_path, data, name="exp.yaml"):
@@ -58,7 +58,7 @@ def test_dump_then_load_round_trips(tmp_path):
         ("logging.tensorboard=off", "logging", "tensorboard", False),
         ("model.actor=EleutherAI/pythia-160m", "model", "actor", "EleutherAI/pythia-160m"),
         ("model.actor=123", "model", "actor", "123"),
-        ("vbon.beta=0.05", "vbon", "beta", 0.05),
+        ("algo.ipo_beta=0.05", "algo", "ipo_beta", 0.05),  # float or null, as vbon.beta (kl_rl only)
         ("reward.missing_eos_score=null", "reward", "missing_eos_score", None),
         ("reward.missing_eos_score=-2.5", "reward", "missing_eos_score", -2.5),
         ("generation.eval_temperatures=[0.5, 1.0]", "generation", "eval_temperatures", [0.5, 1.0]),
@@ -233,3 +233,77 @@ def test_non_utf8_config_file_is_one_line(tmp_path):
 def test_empty_output_dir_is_refused(value):
     with pytest.raises(ConfigError, match=r"^train\.output_dir: empty; set the directory"):
         load_config(None, [f"train.output_dir={value}"])
+
+
+# ---------------------------------------------------------------- one meaning per name
+
+
+OFFLINE = "algo.name=dpo"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [("samples_per_prompt", "subsets_per_prompt", 3), ("ppo_epochs", "offline_epochs", 2)],
+)
+@pytest.mark.parametrize("source", ["yaml", "set"])
+def test_an_offline_run_takes_the_old_field_into_the_new_one_with_a_warning(
+    tmp_path, capsys, old, new, value, source
+):
+    if source == "yaml":
+        cfg = load_config(write_yaml(tmp_path, {"algo": {"name": "dpo", old: value}}))
+    else:
+        cfg = load_config(None, [OFFLINE, f"algo.{old}={value}"])
+    assert getattr(cfg.algo, new) == value
+    assert getattr(cfg.algo, old) == getattr(ExperimentConfig().algo, old)  # one field, one meaning
+    assert capsys.readouterr().err == (
+        f"vbon: warning: algo.{old} is deprecated for offline algorithms (algo.name=dpo); "
+        f"use algo.{new} (set to {value} here)\n"
+    )
+
+
+def test_the_old_offline_fields_keep_their_defaults_equal_to_the_new_ones():
+    """The move keys on values (a dump names every field): equal defaults make a default never move."""
+    algo = ExperimentConfig().algo
+    assert (algo.samples_per_prompt, algo.ppo_epochs) == (algo.subsets_per_prompt, algo.offline_epochs)
+
+
+def test_the_new_offline_fields_win_and_on_policy_runs_keep_theirs(capsys):
+    both = [
+        "algo.samples_per_prompt=4",
+        "algo.ppo_epochs=1",
+        "algo.subsets_per_prompt=2",
+        "algo.offline_epochs=3",
+    ]
+    offline = load_config(None, [OFFLINE, *both])
+    assert (offline.algo.items_per_prompt, offline.algo.epochs) == (2, 3)
+    rloo = load_config(None, ["algo.name=rloo", *both])
+    assert (rloo.algo.items_per_prompt, rloo.algo.epochs) == (4, 1)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_dumped_offline_config_reloads_equal_and_silent(tmp_path, capsys):
+    cfg = load_config(None, [OFFLINE, "algo.samples_per_prompt=3"])
+    capsys.readouterr()
+    assert load_config(write_yaml(tmp_path, dump_config(cfg))) == cfg
+    assert capsys.readouterr().err == ""
+
+
+def test_value_coef_is_ignored_with_one_warning_per_load(tmp_path, capsys):
+    path = write_yaml(tmp_path, {"algo": {"value_coef": 0.5, "clip_range": 0.3}})
+    cfg = load_config(path, ["algo.value_coef=0.7"])
+    assert cfg == load_config(None, ["algo.clip_range=0.3"])
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        "vbon: warning: algo.value_coef is deprecated and ignored: it had no effect"
+    )
+
+
+@pytest.mark.parametrize("objective", ["vbon", "vbon_exact"])
+def test_vbon_beta_with_a_vbon_objective_is_refused(objective):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"vbon.objective={objective}", "vbon.n=5", "vbon.beta=0.1"])
+    message = str(err.value)
+    assert message.startswith(f"vbon.beta: 0.1 is set with vbon.objective={objective}")
+    assert "1/(N-1) = 0.25 from vbon.n=5" in message and "vbon.objective=kl_rl" in message
+    assert load_config(None, ["vbon.objective=kl_rl", "vbon.beta=0.1"]).vbon.beta == 0.1

@@ -193,7 +193,12 @@ def shared_cache(tmp_path_factory) -> Path:
 
 
 # Few prompts, seen every step: the offline losses then move their quantity within a few steps.
-OFFLINE_RUN = ("train.steps=4", "train.checkpoint_every=2", "data.max_train_prompts=4", "algo.ppo_epochs=1")
+OFFLINE_RUN = (
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "data.max_train_prompts=4",
+    "algo.offline_epochs=1",
+)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ class BatchSizes:
     prompts_per_rank: int
     """Prompts each rank rolls out per step."""
     rollout_samples: int
-    """Answers per step, all ranks: prompts_per_step x samples_per_prompt."""
+    """Batch items per step, all ranks: prompts_per_step x (K rollouts or N-subsets) per prompt."""
     minibatch_samples: int
     """Answers per optimizer step, all ranks."""
     micro_batch_per_rank: int
@@ -36,11 +36,12 @@ def batch_sizes(cfg: ExperimentConfig, world_size: int) -> BatchSizes:
             f"train.prompts_per_step: {train.prompts_per_step} is not divisible "
             f"by the world size {world_size}"
         )
-    rollout = train.prompts_per_step * algo.samples_per_prompt
+    rollout = train.prompts_per_step * algo.items_per_prompt
     if rollout % algo.num_minibatches:
+        per_prompt = "algo.subsets_per_prompt" if algo.offline else "algo.samples_per_prompt"
         raise ConfigError(
             f"algo.num_minibatches: {algo.num_minibatches} does not divide the {rollout} answers per step "
-            f"(train.prompts_per_step x algo.samples_per_prompt)"
+            f"(train.prompts_per_step x {per_prompt})"
         )
     minibatch = rollout // algo.num_minibatches
     per_rank = minibatch // world_size

@@ -1,20 +1,15 @@
-"""Experiment configuration: typed dataclasses, YAML loading, `--set a.b=c` overrides, load-time validation.
+"""Experiment configuration: the typed dataclasses, `load_config` and the checks that span fields.
 
 Every field has a default and a one-line docstring (the string literal under it), which `vbon config
 --reference` turns into the README's config reference. Allowed values and ranges live beside the field in
-its metadata, so one walker validates everything and every message names the field.
+its metadata, so one walker (vbon_ds/config_parsing.py, which also reads the YAML and the `--set`
+overrides) validates everything and every message names the field.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import itertools
-import math
-import textwrap
-import types
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,26 +17,24 @@ from typing import Any
 
 import yaml
 
-from vbon_ds.errors import VbonError
-
-
-class ConfigError(VbonError):
-    """A config value is unknown, of the wrong type or out of range; the message names the field."""
-
+from vbon_ds.config_parsing import (
+    ConfigError,
+    apply_mapping,
+    bounded,
+    choice,
+    nest,
+    parse_override,
+    read_sections,
+    reference_tables,
+    without_fields,
+)
 
 EMPTY_OUTPUT_DIR = "train.output_dir: empty; set the directory for checkpoints, caches, logs and results"
 
-
-def choice(default: Any, *allowed: Any) -> Any:
-    """A field whose value must be one of `allowed`."""
-    return field(default=default, metadata={"choices": allowed})
-
-
-def bounded(
-    default: Any, low: float | None = None, high: float | None = None, *, open_low: bool = False
-) -> Any:
-    """A numeric field in [low, high] (or (low, high] with open_low)."""
-    return field(default=default, metadata={"low": low, "high": high, "open_low": open_low})
+ON_POLICY_ALGOS = ("ppo", "rloo")
+"""Algorithms that train on the actor's own rollouts."""
+OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
+"""Algorithms that train on the reference cache's answers."""
 
 
 @dataclass
@@ -119,25 +112,27 @@ class VbonConfig:
     num_ref_samples: int = bounded(32, 1)
     """M: reference samples per prompt cached to estimate the reward CDF F."""
     beta: float | None = bounded(None, 0.0)
-    """KL coefficient for kl_rl (required there); for vbon objectives null means 1/(N-1)."""
+    """KL coefficient of kl_rl (required there); must stay null for vbon objectives, whose beta is 1/(N-1)."""
 
 
 @dataclass
 class AlgoConfig:
-    name: str = choice("ppo", "ppo", "rloo", "bon_sft", "dpo", "ipo", "bonbon")
+    name: str = choice("ppo", *ON_POLICY_ALGOS, *OFFLINE_ALGOS)
     """ppo (GAE + critic) or rloo (leave-one-out) on rollouts; bon_sft, dpo, ipo, bonbon on cached answers."""
     samples_per_prompt: int = bounded(1, 1)
-    """K: answers rolled out per prompt each step (RLOO needs K >= 2); offline: N-subsets drawn per prompt."""
+    """On-policy K: answers rolled out per prompt each step (RLOO needs K >= 2)."""
+    subsets_per_prompt: int = bounded(1, 1)
+    """Offline: random N-subsets (N = vbon.n) of each prompt's cached answers drawn per step."""
     ppo_epochs: int = bounded(4, 1)
-    """Passes over each rollout batch."""
+    """On-policy: passes over each step's rollouts."""
+    offline_epochs: int = bounded(4, 1)
+    """Offline: passes over each step's subsets of cached answers."""
     num_minibatches: int = bounded(1, 1)
-    """Optimizer steps per PPO epoch; the rollout batch is split into this many minibatches."""
+    """Optimizer steps per epoch; each step's batch is split into this many minibatches."""
     clip_range: float = bounded(0.2, 0.0, open_low=True)
     """PPO ratio clip epsilon."""
     value_clip_range: float = bounded(0.2, 0.0, open_low=True)
     """PPO value-function clip epsilon."""
-    value_coef: float = bounded(0.1, 0.0)
-    """Weight of the value loss in the critic objective."""
     gamma: float = bounded(1.0, 0.0, 1.0)
     """GAE discount."""
     lam: float = bounded(0.95, 0.0, 1.0)
@@ -154,6 +149,22 @@ class AlgoConfig:
     """IPO and BoNBoN beta (margin target 1/(2 beta)); null: BoNBoN's 1/(2 (N-1) H_(N-1)) for N answers."""
     bonbon_alpha: float = bounded(0.98, 0.0, 1.0)
     """BoNBoN's SFT weight against (1 - alpha) * IPO; 0.98: equal gradient norms at start, N=8 (math.md)."""
+
+    # Two fields per quantity, not one read two ways: the samples per prompt and the epochs of a step.
+    @property
+    def offline(self) -> bool:
+        """Whether the algorithm trains on the reference cache rather than on rollouts."""
+        return self.name in OFFLINE_ALGOS
+
+    @property
+    def items_per_prompt(self) -> int:
+        """What a step's batch holds per prompt: K rollouts on-policy, N-subsets of the cache offline."""
+        return self.subsets_per_prompt if self.offline else self.samples_per_prompt
+
+    @property
+    def epochs(self) -> int:
+        """Passes over each step's batch."""
+        return self.offline_epochs if self.offline else self.ppo_epochs
 
 
 @dataclass
@@ -262,201 +273,52 @@ class ExperimentConfig:
     """Monitoring."""
 
 
-# ---------------------------------------------------------------- docstrings
+# ---------------------------------------------------------------- loading, with deprecated names
+
+REMOVED_FIELDS = {
+    ("algo", "value_coef"): "it had no effect: the critic has its own Adam, which a constant loss scale does "
+    "not change (it only moved where the critic's gradients were clipped)",
+}
+"""Fields removed in this release: accepted, with a warning saying why they are ignored, until the next."""
+
+OFFLINE_RENAMES = (("samples_per_prompt", "subsets_per_prompt"), ("ppo_epochs", "offline_epochs"))
+"""(old, new) algo fields: offline runs used to read the on-policy field; for one release they still do."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings written under each field of a config dataclass."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, following in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value.strip()
-    return docs
+def _move_offline_fields(algo: AlgoConfig, warnings: list[str]) -> None:
+    """An offline run that set an old on-policy field (and left its offline field alone) keeps its value.
 
-
-# ---------------------------------------------------------------- type conversion
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return "null" if tp is type(None) else tp.__name__
-
-
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML or command-line value to the field type `tp`, or raise a ConfigError naming `where`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        is_null = value is None or (isinstance(value, str) and value.lower() in {"null", "none", "~"})
-        if is_null and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                return _convert(value, arg, where)
-    if origin is list:
-        (item_type,) = typing.get_args(tp)
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
-            value = parsed if isinstance(parsed, list) else [parsed]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, (str, int)) and str(value).lower() in _TRUE | _FALSE:
-                return str(value).lower() in _TRUE
-        elif tp is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                return int(value.strip())
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-        elif tp is float:
-            number = None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value)
-            elif isinstance(value, str):
-                number = float(value.strip())
-            if number is not None and not math.isfinite(number):
-                raise ConfigError(f"{where}: {number!r} is not a finite number")
-            if number is not None:
-                return number
-        elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    except ValueError:
-        pass
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _check_metadata(value: Any, meta: typing.Mapping[str, Any], where: str) -> None:
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{where}: {value!r} is not allowed (allowed: {allowed})")
-    if value is None or not isinstance(value, (int, float)):
+    Values, not keys, decide: a dumped config names every field, and a sweep's base.yaml (a dump of an
+    on-policy config) must keep meaning what it did for the offline runs built on it."""
+    if not algo.offline:
         return
-    low, high, open_low = meta.get("low"), meta.get("high"), meta.get("open_low", False)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: {value!r} is not a finite number")
-    too_low = low is not None and (value <= low if open_low else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        interval = f"{'(' if open_low else '['}{lo}, {hi}]"
-        raise ConfigError(f"{where}: {value!r} is out of range (allowed: {interval})")
-
-
-# ---------------------------------------------------------------- building from mappings
-
-
-def _unknown_key(key: str, cls: type, where: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(names)})"
-    return ConfigError(f"{where}{key}: unknown key{hint}")
-
-
-def _apply(obj: Any, values: typing.Mapping[str, Any], prefix: str) -> None:
-    """Set fields of dataclass instance `obj` from a nested mapping, converting and checking each value."""
-    hints = typing.get_type_hints(type(obj))
-    by_name = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        if key not in by_name:
-            raise _unknown_key(str(key), type(obj), prefix)
-        where = f"{prefix}{key}"
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{where}: expected a mapping of {type(current).__name__} fields, got {value!r}"
-                )
-            _apply(current, value, f"{where}.")
-            continue
-        converted = _convert(value, hints[key], where)
-        _check_metadata(converted, by_name[key].metadata, where)
-        setattr(obj, key, converted)
-
-
-def parse_override(text: str) -> tuple[list[str], str]:
-    """Split one `a.b=c` override into its key path and raw value."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=1e-5")
-    return key.strip().split("."), value
-
-
-def _nest(path: list[str], value: Any) -> dict[str, Any]:
-    nested: Any = value
-    for part in reversed(path):
-        nested = {part: nested}
-    return nested
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(
-                    f"{key_node.start_mark.name}: line {line}: key {key!r} is given twice "
-                    f"(first on line {seen[key]}); merge the two"
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str, name: str) -> Any:
-    loader = _UniqueKeyLoader(text)
-    loader.name = name  # messages name the file, not "<unicode string>"
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+    defaults = AlgoConfig()
+    for old, new in OFFLINE_RENAMES:
+        old_value = getattr(algo, old)
+        if old_value != getattr(defaults, old) and getattr(algo, new) == getattr(defaults, new):
+            setattr(algo, new, old_value)
+            setattr(algo, old, getattr(defaults, old))
+            warnings.append(
+                f"algo.{old} is deprecated for offline algorithms (algo.name={algo.name}); "
+                f"use algo.{new} (set to {old_value} here)"
+            )
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
-    """Build the experiment config: defaults, then the YAML file, then `--set` overrides; then validate."""
-    cfg = ExperimentConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = _load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
-            ) from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        _apply(cfg, data, "")
-    for text in overrides:
-        key_path, raw = parse_override(text)
-        # The raw string goes to the converter as is, so "1e-5" and "abc" keep their meaning per field type.
-        _apply(cfg, _nest(key_path, raw), "")
+    """Build the experiment config: defaults, then the YAML file, then `--set` overrides; then validate.
+
+    Deprecated names are applied with a one-line warning on stderr, each printed once per load."""
+    sources = [] if path is None else [read_sections(Path(path))]
+    # The raw string goes to the converter as is, so "1e-5" and "abc" keep their meaning per field type.
+    sources += [nest(*parse_override(text)) for text in overrides]
+    cfg, warnings = ExperimentConfig(), []
+    for values in sources:
+        values, removed = without_fields(values, REMOVED_FIELDS)
+        warnings += [f"{'.'.join(key)} is deprecated and ignored: {REMOVED_FIELDS[key]}" for key in removed]
+        apply_mapping(cfg, values)
+    _move_offline_fields(cfg.algo, warnings)
+    for warning in dict.fromkeys(warnings):
+        print(f"vbon: warning: {warning}", file=sys.stderr)
     validate(cfg)
     return cfg
 
@@ -482,6 +344,19 @@ def _check_untruncated_sampling(gen: GenerationConfig) -> None:
             )
 
 
+def _check_objective_beta(vbon: VbonConfig) -> None:
+    """vbon.beta belongs to kl_rl alone: a vBoN objective's coefficient is 1/(N-1), and a beta that silently
+    replaced it would train toward no Best-of-N distribution (an error, not an override: change vbon.n)."""
+    if vbon.objective == "kl_rl" and vbon.beta is None:
+        raise ConfigError("vbon.beta: the kl_rl objective needs an explicit KL coefficient (e.g. 0.05)")
+    if vbon.objective != "kl_rl" and vbon.beta is not None:
+        raise ConfigError(
+            f"vbon.beta: {vbon.beta} is set with vbon.objective={vbon.objective}, whose KL coefficient is "
+            f"1/(N-1) = {1 / (vbon.n - 1):.4g} from vbon.n={vbon.n}; leave vbon.beta null (change vbon.n to "
+            "change beta), or use vbon.objective=kl_rl"
+        )
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Checks that involve more than one field."""
     if not cfg.train.output_dir.strip():
@@ -492,14 +367,13 @@ def validate(cfg: ExperimentConfig) -> None:
             "policy gradient is the gradient of KL(pi || pi_ref) (docs/math.md section 4); use k1"
         )
     _check_untruncated_sampling(cfg.generation)
-    if cfg.vbon.objective == "kl_rl" and cfg.vbon.beta is None:
-        raise ConfigError("vbon.beta: the kl_rl objective needs an explicit KL coefficient (e.g. 0.05)")
+    _check_objective_beta(cfg.vbon)
     if cfg.algo.name == "rloo" and cfg.algo.samples_per_prompt < 2:
         raise ConfigError(
             "algo.samples_per_prompt: RLOO needs at least 2 samples per prompt, "
             f"got {cfg.algo.samples_per_prompt}"
         )
-    if cfg.algo.name in ("bon_sft", "dpo", "ipo", "bonbon") and cfg.vbon.n > cfg.vbon.num_ref_samples:
+    if cfg.algo.offline and cfg.vbon.n > cfg.vbon.num_ref_samples:
         raise ConfigError(
             f"vbon.n: algo.name={cfg.algo.name} takes the best of N={cfg.vbon.n} cached answers, but the "
             f"cache holds vbon.num_ref_samples={cfg.vbon.num_ref_samples} per prompt"
@@ -534,23 +408,4 @@ def dump_config(cfg: ExperimentConfig) -> str:
 
 def config_reference() -> str:
     """Markdown tables of every section and field with its type, default and docstring (for the README)."""
-    lines: list[str] = []
-    section_docs = field_docs(ExperimentConfig)
-    for section in dataclasses.fields(ExperimentConfig):
-        cls = type(getattr(ExperimentConfig(), section.name))
-        docs, hints = field_docs(cls), typing.get_type_hints(cls)
-        lines += [
-            f"### `{section.name}`: {section_docs[section.name]}",
-            "",
-            "| key | type | default | meaning |",
-        ]
-        lines.append("|---|---|---|---|")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-            allowed = f.metadata.get("choices")
-            meaning = docs[f.name] + (f" One of: {', '.join(allowed)}." if allowed else "")
-            lines.append(
-                f"| `{section.name}.{f.name}` | {_type_name(hints[f.name])} | `{default!r}` | {meaning} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+    return reference_tables(ExperimentConfig)

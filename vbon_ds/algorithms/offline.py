@@ -1,6 +1,6 @@
 """The offline baselines: BoN-SFT, DPO, IPO and BoNBoN train on the reference cache, not on rollouts.
 
-Per step, for each prompt and each of algo.samples_per_prompt draws: a random N-subset of the M cached
+Per step, for each prompt and each of algo.subsets_per_prompt draws: a random N-subset of the M cached
 answers, its best and its worst answer (a tie goes to the earlier in the random subset order, a uniform
 choice). BoN-SFT imitates the best; DPO and IPO prefer the best to the worst; BoNBoN mixes SFT and IPO.
 The reference log-prob of a cached answer is computed once, by the reference engine, and kept (in memory and
@@ -121,7 +121,7 @@ def offline_experience(
     reference_logps: ReferenceLogProbs,
 ) -> Experience:
     """Pairs of cached answers to this rank's prompts, their token rows and reference log-probs."""
-    index = [i for i in prompt_index for _ in range(cfg.algo.samples_per_prompt)]
+    index = [i for i in prompt_index for _ in range(cfg.algo.subsets_per_prompt)]
     records = [cache.record(prompts.ids[i]) for i in index]
     pairs = choose_pairs([r.rewards for r in records], index, cfg.vbon.n, generator)
     prompt_texts = [prompts.texts[i] for i in index]

@@ -359,7 +359,7 @@ def ppo_micro_step(engines: Engines, cfg: ExperimentConfig) -> MicroStep:
             v_loss, v_stats = losses.value_loss(
                 values, t["values"], t["returns"], rows.response_mask, cfg.algo.value_clip_range
             )
-            ok = backward_and_step(engines.critic, cfg.algo.value_coef * v_loss, values) and ok
+            ok = backward_and_step(engines.critic, v_loss, values) and ok
             stats["train/value_loss"] = v_loss.item()
             stats["train/vf_clip_frac"] = v_stats["vf_clip_frac"].item()
         return stats, ok

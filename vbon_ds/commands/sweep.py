@@ -47,7 +47,8 @@ from typing import Any
 
 import yaml
 
-from vbon_ds.config import ConfigError, ExperimentConfig, _load_yaml, dump_config, load_config
+from vbon_ds.config import ConfigError, ExperimentConfig, dump_config, load_config
+from vbon_ds.config_parsing import load_yaml
 from vbon_ds.data.refcache import fingerprint_from_config, open_refcache, prompt_texts
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.errors import VbonError, writing
@@ -136,7 +137,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not a valid YAML file: {' '.join(str(err).split())}") from None
     data = _mapping(data, f"{path}: ", TOP_KEYS)

@@ -67,7 +67,7 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) 
 
 def optimizer_steps(cfg: ExperimentConfig) -> int:
     """Optimizer steps in the whole run: one per minibatch per epoch per training step."""
-    return cfg.train.steps * cfg.algo.ppo_epochs * cfg.algo.num_minibatches
+    return cfg.train.steps * cfg.algo.epochs * cfg.algo.num_minibatches
 
 
 # Config fields and module attributes that make a forward random in training mode: dropout probabilities

@@ -235,7 +235,7 @@ class Trainer:
         generator = self.step_generator(0)
         stats = {
             **exp.stats,
-            **phases.update(exp, self.engines.sizes, self.cfg.algo.ppo_epochs, generator, self.micro_step),
+            **phases.update(exp, self.engines.sizes, self.cfg.algo.epochs, generator, self.micro_step),
         }
         skipped = stats.pop("train/skipped_micro_batches")
         stats["train/lr"] = self.engines.actor.current_lr()

@@ -21,10 +21,9 @@ def write_yaml(tmp_path, data, name="exp.yaml"):
     return path
 
 
-def test_defaults_without_file():
-    cfg = load_config()
-    assert cfg == ExperimentConfig()
-    assert cfg.vbon.n == 8 and cfg.algo.name == "ppo"
+def test_defaults_without_file_or_from_an_empty_one(tmp_path):
+    assert load_config() == ExperimentConfig()
+    assert load_config(write_yaml(tmp_path, "# nothing set\n")) == ExperimentConfig()
 
 
 def test_yaml_values_are_converted_to_field_types(tmp_path):
@@ -297,6 +296,7 @@ def test_value_coef_is_ignored_with_one_warning_per_load(tmp_path, capsys):
     assert warnings[0].startswith(
         "vbon: warning: algo.value_coef is deprecated and ignored: it had no effect"
     )
+    assert warnings[0].endswith("; remove it")
 
 
 @pytest.mark.parametrize("objective", ["vbon", "vbon_exact"])

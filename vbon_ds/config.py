@@ -276,8 +276,10 @@ class ExperimentConfig:
 # ---------------------------------------------------------------- loading, with deprecated names
 
 REMOVED_FIELDS = {
-    ("algo", "value_coef"): "it had no effect: the critic has its own Adam, which a constant loss scale does "
-    "not change (it only moved where the critic's gradients were clipped)",
+    ("algo", "value_coef"): (
+        "it had no effect: the critic has its own Adam, which undoes a constant loss scale "
+        "(it only moved where train.max_grad_norm clipped the critic's gradients); remove it"
+    ),
 }
 """Fields removed in this release: accepted, with a warning saying why they are ignored, until the next."""
 

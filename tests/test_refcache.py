@@ -12,20 +12,22 @@ import torch
 
 from vbon_ds.config import ExperimentConfig, load_config
 from vbon_ds.data.refcache import (
-    FINGERPRINT_FILE,
     SETTINGS_KEY,
     SHARD_SCHEMA,
     CacheSummary,
     RefCache,
     RefCacheWriter,
     RefRecord,
-    cache_fingerprint,
     done_prompt_ids,
-    fingerprint_from_config,
     open_refcache,
     refcache_dir,
-    settings_hash,
     validate_cache,
+)
+from vbon_ds.data.refcache_fingerprint import (
+    FINGERPRINT_FILE,
+    cache_fingerprint,
+    fingerprint_from_config,
+    settings_hash,
 )
 from vbon_ds.errors import VbonError
 from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content

@@ -228,7 +228,7 @@ def test_sigint_asks_for_a_checkpoint_and_a_second_one_interrupts():
 
 def test_demo_output_dir_is_the_same_either_way_and_absolute(tmp_path, monkeypatch):
     from vbon_ds.commands.demo import demo_config
-    from vbon_ds.data.refcache import fingerprint_from_config
+    from vbon_ds.data.refcache_fingerprint import fingerprint_from_config
 
     monkeypatch.chdir(tmp_path)
     by_set = demo_config("tiny", None, ["train.output_dir=runs/x", "train.steps=2"])

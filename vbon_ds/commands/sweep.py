@@ -48,7 +48,8 @@ from typing import Any
 import yaml
 
 from vbon_ds.config import ConfigError, ExperimentConfig, _load_yaml, dump_config, load_config
-from vbon_ds.data.refcache import fingerprint_from_config, open_refcache, prompt_texts
+from vbon_ds.data.refcache import open_refcache, prompt_texts
+from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE, fingerprint_from_config
 from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.runlock import run_lock
@@ -303,7 +304,7 @@ class SweepDriver:
 
     def cache_complete(self, base: ExperimentConfig) -> bool:
         """Whether the shared cache already holds every prompt, made under the base's settings."""
-        if not (self.cache_dir / "fingerprint.json").is_file():
+        if not (self.cache_dir / FINGERPRINT_FILE).is_file():
             return False
         try:
             cache = open_refcache(base)

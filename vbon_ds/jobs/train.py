@@ -29,7 +29,8 @@ from vbon_ds.algorithms.offline import (
 from vbon_ds.config import ExperimentConfig, config_to_dict
 from vbon_ds.core import bon
 from vbon_ds.data.prompts import PromptSampler, load_prompts
-from vbon_ds.data.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
+from vbon_ds.data.refcache import RefCache, open_refcache, refcache_dir
+from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import Engines, build_training_engines
 from vbon_ds.engines.checkpoint import (

@@ -50,7 +50,7 @@ import yaml
 from vbon_ds.config import ConfigError, ExperimentConfig, _load_yaml, dump_config, load_config
 from vbon_ds.data.refcache import open_refcache, prompt_texts
 from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE, fingerprint_from_config
-from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
+from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.runlock import run_lock
 

@@ -22,16 +22,15 @@ import torch
 from safetensors.torch import save_file
 
 from vbon_ds.config import config_to_dict, load_config
-from vbon_ds.engines.checkpoint import (
+from vbon_ds.engines.checkpoint import load_checkpoint, save_checkpoint
+from vbon_ds.engines.checkpoint_layout import (
     KILLED_EXIT_CODE,
     MANIFEST,
     SAVE_STAGES,
     TRAINER_STATE,
-    _manifest,
+    build_manifest,
     latest_checkpoint,
-    load_checkpoint,
     resume_checkpoint,
-    save_checkpoint,
     step_dirs,
     verify_checkpoint,
 )
@@ -385,7 +384,7 @@ def test_resume_reads_deepspeed_files_without_running_pickled_code(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"module": WritesAFile(marker)}, step_dir / "actor" / "state" / "mp_rank_00_model_states.pt")
     (step_dir / MANIFEST).unlink()  # the sender's own manifest, matching the files sent
-    (step_dir / MANIFEST).write_text(json.dumps(_manifest(step_dir, 1, "r")))
+    (step_dir / MANIFEST).write_text(json.dumps(build_manifest(step_dir, 1, "r")))
     with pytest.raises(VbonError, match=r"actor: a DeepSpeed file holds a pickled object .* could run code"):
         load_checkpoint(tmp_path, engines)
     assert not marker.exists()

@@ -70,7 +70,7 @@ def test_config_reference_is_markdown(capsys):
 def test_recipes_in_launch_load():
     from pathlib import Path
 
-    from vbon_ds.commands.sweep import load_sweep
+    from vbon_ds.commands.sweep_file import load_sweep
     from vbon_ds.config import load_config
 
     recipes = sorted(Path("launch").glob("*.yaml"))

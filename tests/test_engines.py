@@ -20,7 +20,8 @@ from vbon_ds.config import load_config
 from vbon_ds.data.rewards import get_reward_function, register_reward, reward_names, vowel_ratio
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import build_critic, build_reference, build_reward, lr_factor, optimizer_steps
-from vbon_ds.engines.checkpoint import latest_checkpoint, load_checkpoint, step_dirs
+from vbon_ds.engines.checkpoint import load_checkpoint
+from vbon_ds.engines.checkpoint_layout import latest_checkpoint, step_dirs
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.engines.memory_plan import memory_plan
 from vbon_ds.engines.policy import checkpoint_settings_ignored, finish_rollout, sampling_config

@@ -9,7 +9,8 @@ import pytest
 
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
-from vbon_ds.data.refcache import fingerprint_from_config, refcache_dir
+from vbon_ds.data.refcache import refcache_dir
+from vbon_ds.data.refcache_fingerprint import fingerprint_from_config
 from vbon_ds.engines.memory_plan import format_plan, memory_plan
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"

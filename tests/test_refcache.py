@@ -12,20 +12,21 @@ import torch
 
 from vbon_ds.config import ExperimentConfig, load_config
 from vbon_ds.data.refcache import (
-    FINGERPRINT_FILE,
     SETTINGS_KEY,
     SHARD_SCHEMA,
     CacheSummary,
     RefCache,
     RefCacheWriter,
     RefRecord,
-    cache_fingerprint,
     done_prompt_ids,
-    fingerprint_from_config,
     open_refcache,
     refcache_dir,
-    settings_hash,
     validate_cache,
+)
+from vbon_ds.data.refcache_fingerprint import (
+    FINGERPRINT_FILE,
+    cache_fingerprint,
+    settings_hash,
 )
 from vbon_ds.errors import VbonError
 from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
@@ -199,20 +200,6 @@ def test_reader_rejects_a_wrong_reward_count(tmp_path: Path) -> None:
         RefCache(tmp_path)
 
 
-def test_fingerprint_from_config() -> None:
-    cfg = ExperimentConfig()
-    cfg.model.actor, cfg.reward.function, cfg.vbon.num_ref_samples = "sshleifer/tiny-gpt2", "vader", 16
-    fp = fingerprint_from_config(cfg)
-    assert (fp["reference"], fp["tokenizer"], fp["reward_function"], fp["num_ref_samples"]) == (
-        "sshleifer/tiny-gpt2",
-        "sshleifer/tiny-gpt2",
-        "vader",
-        16,
-    )
-    cfg.generation.temperature = 1.0
-    assert fingerprint_from_config(cfg)["temperature"] != fp["temperature"]
-
-
 def test_runs_share_one_cache_through_train_refcache_dir(tmp_path: Path) -> None:
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(3)))
@@ -353,6 +340,22 @@ def test_a_model_overwritten_in_place_makes_its_cache_stale(tmp_path: Path) -> N
         open_refcache(cfg)
     with pytest.raises(VbonError, match=pattern):
         RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg))  # `vbon refcache` refuses to complete it
+
+
+def test_a_cache_serves_configs_that_sample_alike_and_refuses_others(tmp_path: Path) -> None:
+    cfg = cache_config(tmp_path)
+    with RefCacheWriter(refcache_dir(cfg), cache_fingerprint(cfg)) as writer:
+        writer.add(record(i) for i in range(2))
+    actor = str(tmp_path / "actor")
+    # The reference and the tokenizer default to the actor, so naming it is the same cache; how the policy
+    # trains is not what the reference samples depend on.
+    alike = cache_config(
+        tmp_path, f"model.reference={actor}", f"model.tokenizer={actor}", "vbon.n=2", "train.steps=7"
+    )
+    assert len(open_refcache(alike)) == 2
+    hotter = cache_config(tmp_path, "generation.temperature=1.3")
+    with pytest.raises(VbonError, match=r"made with other settings \(temperature: cached 0\.7, now 1\.3\)"):
+        open_refcache(hotter)
 
 
 def test_a_changed_tokenizer_or_reward_is_named(tmp_path: Path) -> None:

@@ -144,32 +144,21 @@ def test_read_only_output_dir_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_checks_the_output_dir_before_loading_anything(tmp_path):
+@pytest.mark.parametrize(
+    ("command", "setting"), [("train", "train.output_dir"), ("refcache", "train.refcache_dir")]
+)
+def test_cli_checks_its_directory_before_loading_anything(tmp_path, command, setting):
     (tmp_path / "file").write_text("x")
-    out = tmp_path / "file" / "run"
+    target = tmp_path / "file" / "dir"
+    overrides = {"train.output_dir": tmp_path / "run", "logging.tensorboard": "false", setting: target}
     result = subprocess.run(
-        [sys.executable, "-m", "vbon_ds", "train", "--config", str(REPO / "launch" / "tldr_vbon.yaml"),
-         "--set", f"train.output_dir={out}", "--set", "logging.tensorboard=false"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"vbon: error: train.output_dir {out}: {tmp_path / 'file'} is a file, not a directory"
-    )
-
-
-@pytest.mark.slow
-def test_refcache_checks_its_cache_dir_before_loading_anything(tmp_path):
-    (tmp_path / "file").write_text("x")
-    cache = tmp_path / "file" / "cache"
-    result = subprocess.run(
-        [sys.executable, "-m", "vbon_ds", "refcache", "--config", str(REPO / "launch" / "tldr_vbon.yaml"),
-         "--set", f"train.output_dir={tmp_path / 'run'}", "--set", f"train.refcache_dir={cache}"],
+        [sys.executable, "-m", "vbon_ds", command, "--config", str(REPO / "launch" / "tldr_vbon.yaml"),
+         *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}"))],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"vbon: error: train.refcache_dir {cache}: {tmp_path / 'file'} is a file, not a directory"
+        f"vbon: error: {setting} {target}: {tmp_path / 'file'} is a file, not a directory"
     )
 
 
@@ -228,7 +217,7 @@ def test_sigint_asks_for_a_checkpoint_and_a_second_one_interrupts():
 
 def test_demo_output_dir_is_the_same_either_way_and_absolute(tmp_path, monkeypatch):
     from vbon_ds.commands.demo import demo_config
-    from vbon_ds.data.refcache import fingerprint_from_config
+    from vbon_ds.data.refcache_fingerprint import fingerprint_from_config
 
     monkeypatch.chdir(tmp_path)
     by_set = demo_config("tiny", None, ["train.output_dir=runs/x", "train.steps=2"])

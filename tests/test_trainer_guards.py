@@ -11,6 +11,7 @@ import pytest
 from vbon_ds.batching import batch_sizes
 from vbon_ds.commands.demo import demo_config
 from vbon_ds.config import ConfigError, ExperimentConfig, load_config
+from vbon_ds.data.refcache import done_prompt_ids, refcache_dir
 from vbon_ds.data.rewards import register_reward
 from vbon_ds.errors import VbonError
 from vbon_ds.jobs import build_refcache, evaluate
@@ -66,8 +67,14 @@ def test_nan_rewards_skip_updates_and_stop_after_max_bad_steps(tmp_path, tiny_mo
 
 def test_nan_reward_in_refcache_names_the_prompt(tmp_path, tiny_model):
     cfg = tiny_config(tmp_path / "nan_cache", tiny_model, "reward.function=nan_for_tests")
-    with pytest.raises(VbonError, match=r"reward is not finite for prompt \d+ \('[0-9a-f#]+'\)"):
+    with pytest.raises(VbonError) as err:
         build_refcache.run(cfg)
+    named = re.search(r"reward is not finite for prompt (\d+) \('([0-9a-f#]+)'\): \[nan", str(err.value))
+    assert named, str(err.value)
+    prompts = build_refcache.all_prompts(cfg)
+    index, pid = int(named[1]), named[2]
+    assert prompts.ids[index] == pid and "movie" in prompts.texts[index]  # one that scores NaN
+    assert pid not in done_prompt_ids(refcache_dir(cfg))  # and nothing was cached for it
 
 
 def test_objective_beta():

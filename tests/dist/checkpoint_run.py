@@ -25,13 +25,12 @@ import torch._dynamo  # noqa: F401 - imported by the first optimizer: once here,
 
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel
-from vbon_ds.engines.checkpoint import (
+from vbon_ds.engines.checkpoint import load_checkpoint, save_checkpoint
+from vbon_ds.engines.checkpoint_layout import (
     KILL_ENV,
     SAVE_STAGES,
     latest_checkpoint,
-    load_checkpoint,
     resume_checkpoint,
-    save_checkpoint,
     step_dirs,
     verify_checkpoint,
 )

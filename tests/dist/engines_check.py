@@ -32,13 +32,8 @@ from vbon_ds.engines.builders import (
     load_policy_tokenizer,
     lr_factor,
 )
-from vbon_ds.engines.checkpoint import (
-    export_hf,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    step_dirs,
-)
+from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from vbon_ds.engines.checkpoint_layout import latest_checkpoint, step_dirs
 from vbon_ds.kernels import token_logprobs
 
 GLOBAL_BATCH, PROMPT_LEN, RESPONSE_LEN, TEMPERATURE = 4, 6, 5, 0.7

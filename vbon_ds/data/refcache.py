@@ -2,7 +2,8 @@
 
 Layout of `<output_dir>/refcache/`:
   fingerprint.json                what the samples depend on (the models' paths and content, generation, M,
-                                  format version), written once the first shard is complete
+                                  format version), written once the first shard is complete; see
+                                  refcache_fingerprint.py, which makes, writes and checks it
   shard-rank{r}-{k:05d}.parquet   a chunk of prompts written by rank r; it appears only once complete and
                                   carries a hash of the fingerprint it was made under (checked on read)
 
@@ -16,10 +17,6 @@ resumed run.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import inspect
-import json
 import math
 import os
 import warnings
@@ -34,16 +31,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from vbon_ds.config import ExperimentConfig, RewardConfig
+from vbon_ds.config import ExperimentConfig
 from vbon_ds.data.prompts import load_prompts
-from vbon_ds.data.rewards import get_reward_function
+from vbon_ds.data.refcache_fingerprint import (
+    ANOTHER_CACHE,
+    FINGERPRINT_FILE,
+    cache_fingerprint,
+    check_fingerprint,
+    load_fingerprint,
+    settings_hash,
+    stored_fingerprint,
+    write_fingerprint,
+)
 from vbon_ds.errors import VbonError, writing
-from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
 
-# 3: fingerprint.json records the models' content (model_content); 2 recorded their paths only.
-FORMAT_VERSION = 3
 SETTINGS_KEY = b"vbon_fingerprint_sha256"
-FINGERPRINT_FILE = "fingerprint.json"
 SHARD_GLOB = "shard-rank*-*.parquet"
 SHARD_SCHEMA = pa.schema(
     [
@@ -90,84 +92,9 @@ class CacheSummary:
     num_shards: int
 
 
-def fingerprint_from_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The settings the cached samples and rewards depend on; changing any of them invalidates the cache."""
-    model, gen, reward = cfg.model, cfg.generation, cfg.reward
-    return {
-        "reference": model.reference or model.actor,
-        "gguf_file": model.gguf_file,
-        "tokenizer": model.tokenizer or model.actor,
-        "reward_model": reward.model,
-        "reward_function": reward.function,
-        "missing_eos_score": reward.missing_eos_score,
-        "max_prompt_tokens": cfg.data.max_prompt_tokens,
-        "max_new_tokens": gen.max_new_tokens,
-        "min_new_tokens": gen.min_new_tokens,
-        "temperature": gen.temperature,
-        "top_p": gen.top_p,
-        "top_k": gen.top_k,
-        "num_ref_samples": cfg.vbon.num_ref_samples,
-    }
-
-
 def refcache_dir(cfg: ExperimentConfig) -> Path:
     """Where this experiment's reference cache lives: train.refcache_dir, else train.output_dir/refcache."""
     return Path(cfg.train.refcache_dir or Path(cfg.train.output_dir) / "refcache")
-
-
-# ---------------------------------------------------------------- the models' content
-
-# Extra packages whose version changes what a registered reward function returns.
-REWARD_PACKAGES = {"vader": ("vaderSentiment",)}
-
-
-def _reward_content(reward: RewardConfig) -> dict[str, Any]:
-    """The reward's identity: a model's content, or a function's name, source and package versions."""
-    if not reward.function:
-        return checkpoint_content(reward.model) if reward.model else {}
-    function = get_reward_function(reward.function)
-    versions = {}
-    for package in REWARD_PACKAGES.get(reward.function, ()):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return {
-        "function": reward.function,
-        "source_sha256": hashlib.sha256(inspect.getsource(function).encode()).hexdigest(),
-        "packages": versions,
-    }
-
-
-def models_content(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Content fingerprints of the reference, the tokenizer and the reward (see `checkpoint_content`):
-    a path records where a model is, this records what is there."""
-    model = cfg.model
-    separate_reference = bool(model.reference) and model.reference != model.actor
-    return {
-        "reference": checkpoint_content(
-            model.reference if separate_reference else model.actor,
-            "" if separate_reference else model.gguf_file,
-        ),
-        "tokenizer": checkpoint_content(
-            model.tokenizer or model.actor, "" if model.tokenizer else model.gguf_file, weights=False
-        ),
-        "reward": _reward_content(cfg.reward),
-    }
-
-
-def models_downloaded(cfg: ExperimentConfig) -> bool:
-    """Whether every model of the cache's fingerprint is local (a path, or a hub id already downloaded)."""
-    try:
-        models_content(cfg)
-    except ModelNotDownloaded:
-        return False
-    return True
-
-
-def cache_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What the cache of this config records and is checked against: its settings and its models' content."""
-    return {**fingerprint_from_config(cfg), "model_content": models_content(cfg)}
 
 
 def prompt_texts(cfg: ExperimentConfig) -> dict[str, str]:
@@ -201,16 +128,16 @@ class RefCacheWriter:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.root, self.rank, self.chunk_size = Path(root), rank, chunk_size
         self.root.mkdir(parents=True, exist_ok=True)
-        self._stored = _stored_fingerprint(fingerprint)
+        self._stored = stored_fingerprint(fingerprint)
         self.m: int = self._stored["num_ref_samples"]
         if (self.root / FINGERPRINT_FILE).exists():
-            _check_fingerprint(self.root, self._stored)
-            self._stored = _load_fingerprint(self.root)  # equal, and hashed as written (1 == 1.0)
+            check_fingerprint(self.root, self._stored)
+            self._stored = load_fingerprint(self.root)  # equal, and hashed as written (1 == 1.0)
         elif _shard_paths(self.root):
             # fingerprint.json was deleted: adopt the shards only if they were made under these settings.
             for path in _shard_paths(self.root):
                 _read_shard(path, ["prompt_id"], settings_hash(self._stored))
-            self._write_fingerprint()
+            write_fingerprint(self.root, self._stored)
         # A crashed run of this rank may have left a partial shard; other ranks' files are not ours to touch.
         for partial in self.root.glob(f".shard-rank{rank}-*.tmp"):
             partial.unlink()
@@ -248,10 +175,8 @@ class RefCacheWriter:
         self._next_shard += 1
         self._buffer = []
         if not (self.root / FINGERPRINT_FILE).exists():
-            self._write_fingerprint()  # only now: a run that failed before its first shard leaves no trace
-
-    def _write_fingerprint(self) -> None:
-        _write_json(self.root / FINGERPRINT_FILE, self._stored)  # racing ranks write identical content
+            # Only now: a run that failed before its first shard leaves no trace.
+            write_fingerprint(self.root, self._stored)
 
     def close(self) -> None:
         """Write what is buffered."""
@@ -274,7 +199,7 @@ def done_prompt_ids(root: str | Path, prompts: Mapping[str, str] | None = None) 
     root = Path(root)
     if not _shard_paths(root):
         return set()
-    settings = settings_hash(_load_fingerprint(root))
+    settings = settings_hash(load_fingerprint(root))
     done = set()
     for path in _shard_paths(root):
         table = _read_shard(path, ["prompt_id", "prompt"], settings)
@@ -298,9 +223,9 @@ class RefCache:
         prompts: Mapping[str, str] | None = None,
     ):
         self.root = Path(root)
-        stored = _load_fingerprint(self.root)
+        stored = load_fingerprint(self.root)
         if fingerprint is not None:
-            _check_fingerprint(self.root, _stored_fingerprint(fingerprint))
+            check_fingerprint(self.root, stored_fingerprint(fingerprint))
         self.m: int = stored["num_ref_samples"]
         self._settings = settings_hash(stored)
         self._index: dict[str, int] = {}
@@ -357,7 +282,7 @@ def validate_cache(root: str | Path, expected_ids: Iterable[str] | None = None) 
     all present (given as an id -> text mapping, the cached prompt texts must match too); return the
     summary, or raise a VbonError naming shard and prompt."""
     root = Path(root)
-    m = _load_fingerprint(root)["num_ref_samples"]
+    m = load_fingerprint(root)["num_ref_samples"]
     found: set[str] = set()
     shards = 0
     texts = expected_ids if isinstance(expected_ids, Mapping) else None
@@ -412,71 +337,6 @@ def _record_problem(
     return None
 
 
-def _stored_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    """The fingerprint as it is written to disk: JSON values (tuples become lists) plus the format version."""
-    if not isinstance(fingerprint.get("num_ref_samples"), int):
-        raise ValueError("the reference cache fingerprint needs an int 'num_ref_samples' (M)")
-    return json.loads(json.dumps({"format_version": FORMAT_VERSION, **fingerprint}))
-
-
-def settings_hash(stored: Mapping[str, Any]) -> str:
-    """What every shard records about the settings it was made under (a fingerprint as stored)."""
-    return hashlib.sha256(json.dumps(stored, sort_keys=True).encode()).hexdigest()
-
-
-def _load_fingerprint(root: Path) -> dict[str, Any]:
-    path = root / FINGERPRINT_FILE
-    if not path.is_file():
-        raise VbonError(
-            f"no reference cache in {root} ({FINGERPRINT_FILE} is missing); run `vbon refcache` first"
-        )
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        stored = err
-    if not isinstance(stored, dict):
-        raise VbonError(f"{path} is corrupt (not a JSON object); delete {root} to rebuild the cache")
-    version = stored.get("format_version")
-    if version != FORMAT_VERSION:
-        # Version 2 recorded the models' paths, not their content: its samples cannot be tied to the models.
-        why = " (it does not record the models' content)" if version == 2 else ""
-        raise VbonError(
-            f"the reference cache in {root} has format version {version}, this vbon_ds reads version "
-            f"{FORMAT_VERSION}{why}; delete {root} to rebuild it"
-        )
-    return stored
-
-
-# Where to put a cache made under new settings: train.refcache_dir names it, whether set or not.
-ANOTHER_CACHE = "set train.refcache_dir to another directory"
-
-
-def _check_fingerprint(root: Path, expected: dict[str, Any]) -> None:
-    stored, expected = _flat(_load_fingerprint(root)), _flat(expected)
-    absent = "<absent>"
-    differing = [
-        f"{key}: cached {stored.get(key, absent)!r}, now {expected.get(key, absent)!r}"
-        for key in sorted(stored.keys() | expected.keys())
-        if stored.get(key, absent) != expected.get(key, absent)
-    ]
-    if differing:
-        raise VbonError(
-            f"the reference cache in {root} was made with other settings ({'; '.join(differing)}); "
-            f"{ANOTHER_CACHE}, or delete {root} to rebuild it"
-        )
-
-
-def _flat(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one level, keys joined with '.', so that a mismatch names the file that differs."""
-    flat: dict[str, Any] = {}
-    for key, item in value.items():
-        if isinstance(item, Mapping) and item:
-            flat.update(_flat(item, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = item
-    return flat
-
-
 def _check_texts(
     root: Path, path: Path, ids: Sequence[str], texts: Sequence[str], expected: Mapping[str, str] | None
 ) -> None:
@@ -487,13 +347,6 @@ def _check_texts(
                 f"reference cache shard {path}: prompt {pid!r} was cached for another text ({text[:40]!r}, "
                 f"now {expected[pid][:40]!r}); {ANOTHER_CACHE}, or delete {root} to rebuild"
             )
-
-
-def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with writing(path):
-        partial.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _shard_paths(root: Path) -> list[Path]:
@@ -520,7 +373,7 @@ def _read_shard(path: Path, columns: list[str], settings: str) -> pa.Table:
 def _unique_rows(root: Path, columns: list[str]) -> Iterator[tuple[Path, pa.Table, list[int]]]:
     """Each shard with the rows whose prompt id no earlier shard had; a repeated id is warned about."""
     first_seen: dict[str, Path] = {}
-    settings = settings_hash(_load_fingerprint(root))
+    settings = settings_hash(load_fingerprint(root))
     for path in _shard_paths(root):
         table = _read_shard(path, columns, settings)
         rows = []

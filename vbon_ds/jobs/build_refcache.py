@@ -21,13 +21,12 @@ from vbon_ds.data.refcache import (
     CacheSummary,
     RefCacheWriter,
     RefRecord,
-    cache_fingerprint,
     done_prompt_ids,
-    models_downloaded,
     prompt_texts,
     refcache_dir,
     validate_cache,
 )
+from vbon_ds.data.refcache_fingerprint import cache_fingerprint, models_downloaded
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import build_engines
 from vbon_ds.errors import VbonError

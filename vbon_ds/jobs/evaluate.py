@@ -44,7 +44,7 @@ from vbon_ds.data.tldr import fit_prompts
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import Engines, build_engines
 from vbon_ds.engines.builders import build_reward
-from vbon_ds.engines.checkpoint import read_trainer_state, resume_checkpoint
+from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint
 from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer

@@ -29,17 +29,12 @@ from vbon_ds.algorithms.offline import (
 from vbon_ds.config import ExperimentConfig, config_to_dict
 from vbon_ds.core import bon
 from vbon_ds.data.prompts import PromptSampler, load_prompts
-from vbon_ds.data.refcache import FINGERPRINT_FILE, RefCache, open_refcache, refcache_dir
+from vbon_ds.data.refcache import RefCache, open_refcache, refcache_dir
+from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import Engines, build_training_engines
-from vbon_ds.engines.checkpoint import (
-    export_hf,
-    load_checkpoint,
-    read_trainer_state,
-    resume_checkpoint,
-    save_checkpoint,
-    step_dirs,
-)
+from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint, step_dirs
 from vbon_ds.engines.run_settings import (
     SETTINGS_KEY,
     check_resume_compatible,

@@ -98,13 +98,13 @@ def test_the_sweeps_directory_is_named_as_its_output_dir(tmp_path):
 
 
 def test_a_stage_leaves_no_process_behind(tmp_path):
-    from vbon_ds.commands.sweep import _run_to_the_end
+    from vbon_ds.commands.sweep import run_to_the_end
 
     # The stage starts a helper of its own and exits: the helper must not outlive the stage.
     helper = "import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', sys.argv[1]]).pid)"
     log = tmp_path / "stage.log"
     with log.open("w") as out:
-        code = _run_to_the_end([sys.executable, "-c", helper, "import time; time.sleep(600)"], out)
+        code = run_to_the_end([sys.executable, "-c", helper, "import time; time.sleep(600)"], out)
     assert code == 0
     pid = int(log.read_text())
     wait_for(
@@ -135,9 +135,9 @@ def wait_for(condition, what: str, seconds: float = 600):
 def test_a_stage_dies_with_a_killed_sweep(tmp_path):
     # A sweep process (here: the function that runs its stages) killed with SIGKILL, which it cannot handle.
     sweep = (
-        "import sys; from vbon_ds.commands.sweep import _run_to_the_end\n"
+        "import sys; from vbon_ds.commands.sweep import run_to_the_end\n"
         "stage = [sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(600)']\n"
-        "_run_to_the_end(stage, open(sys.argv[1], 'w'))\n"
+        "run_to_the_end(stage, open(sys.argv[1], 'w'))\n"
     )
     log = tmp_path / "stage.log"
     proc = subprocess.Popen([sys.executable, "-c", sweep, str(log)], env=launch_env())

@@ -5,7 +5,7 @@
 
 Each stage is a subprocess (`python -m vbon_ds ...`, or behind `launcher`, e.g. `torchrun --nproc_per_node 2`)
 logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on; it dies with
-the sweep, however the sweep ends (see `_run_to_the_end`). Rerunning the sweep resumes it: the cache is only
+the sweep, however the sweep ends (see `run_to_the_end`). Rerunning the sweep resumes it: the cache is only
 completed, a run whose training finished (its latest verified checkpoint is at train.steps and final/
 exists) is not started again, an interrupted one resumes from its checkpoint.
 Layout of <output_dir>: base.yaml (the base experiment, resolved), configs/<name>.yaml (each run's config),
@@ -275,7 +275,7 @@ class SweepDriver:
             out.write(f"$ {shlex.join(self.command(*args))}\n")
             out.flush()
             try:
-                code = _run_to_the_end(self.command(*args), out, self.death_signal())
+                code = run_to_the_end(self.command(*args), out, self.death_signal())
             except (KeyboardInterrupt, VbonError):
                 stage.status, stage.seconds = "stopped", round(time.monotonic() - start, 1)
                 self.save_status()
@@ -350,7 +350,7 @@ class SweepDriver:
         return trained
 
 
-def _run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIGKILL) -> int:
+def run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIGKILL) -> int:
     """Run a stage; on Ctrl-C or SIGTERM (passed on to it) wait until it stops by itself, so a training run
     checkpoints at its next step boundary, then stop the sweep.
 

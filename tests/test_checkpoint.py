@@ -27,12 +27,12 @@ from vbon_ds.engines.checkpoint import (
     MANIFEST,
     SAVE_STAGES,
     TRAINER_STATE,
+    _manifest,
     latest_checkpoint,
     load_checkpoint,
     resume_checkpoint,
     save_checkpoint,
     step_dirs,
-    step_manifest,
     verify_checkpoint,
 )
 from vbon_ds.engines.run_settings import (
@@ -385,7 +385,7 @@ def test_resume_reads_deepspeed_files_without_running_pickled_code(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"module": WritesAFile(marker)}, step_dir / "actor" / "state" / "mp_rank_00_model_states.pt")
     (step_dir / MANIFEST).unlink()  # the sender's own manifest, matching the files sent
-    (step_dir / MANIFEST).write_text(json.dumps(step_manifest(step_dir, 1, "r")))
+    (step_dir / MANIFEST).write_text(json.dumps(_manifest(step_dir, 1, "r")))
     with pytest.raises(VbonError, match=r"actor: a DeepSpeed file holds a pickled object .* could run code"):
         load_checkpoint(tmp_path, engines)
     assert not marker.exists()

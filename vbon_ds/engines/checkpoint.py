@@ -53,7 +53,7 @@ from vbon_ds.engines.base import DeepSpeedModel
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.models.adapters import merge_lora
 
-ENGINE_STATE_TAG = "state"  # the DeepSpeed checkpoint tag: each engine saves under <engine>/state/
+_TAG = "state"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -164,7 +164,7 @@ def _own_file(name: str) -> bool:
     return name.startswith(("trainer_state.", "rng_rank"))
 
 
-def step_manifest(step_dir: Path, step: int, run_id: str) -> dict[str, Any]:
+def _manifest(step_dir: Path, step: int, run_id: str) -> dict[str, Any]:
     files = {}
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(step_dir).as_posix()
@@ -339,7 +339,7 @@ def save_checkpoint(
     distributed.barrier()
     for name, engine in engines.items():
         with writing(tmp / name):
-            engine.ds.save_checkpoint(str(tmp / name), tag=ENGINE_STATE_TAG, save_latest=False)
+            engine.ds.save_checkpoint(str(tmp / name), tag=_TAG, save_latest=False)
     _stage("engines_saved")
     _write_json(tmp / f"rng_rank{distributed.rank()}.json", _rng_state())
     if distributed.is_main():
@@ -351,7 +351,7 @@ def save_checkpoint(
     distributed.barrier()
     if distributed.is_main():
         _stage("state_saved")
-        _write_atomic(tmp / MANIFEST, json.dumps(step_manifest(tmp, step, run_id)))
+        _write_atomic(tmp / MANIFEST, json.dumps(_manifest(tmp, step, run_id)))
         _stage("manifest_written")
         os.replace(tmp, final)
         _stage("renamed")
@@ -410,7 +410,7 @@ def load_checkpoint(path: str | Path, engines: dict[str, DeepSpeedModel]) -> dic
             raise VbonError(f"checkpoint {step_dir} has no state for the {name!r} engine")
         try:
             with pickle_free_torch_load():
-                load_path, _ = engine.ds.load_checkpoint(str(step_dir / name), tag=ENGINE_STATE_TAG)
+                load_path, _ = engine.ds.load_checkpoint(str(step_dir / name), tag=_TAG)
         except pickle.UnpicklingError as err:
             raise refused_pickle(err, step_dir / name) from err
         except Exception as err:  # DeepSpeed raises anything; the settings were checked before

@@ -18,7 +18,8 @@ import torch
 
 from vbon_ds.engines import distributed
 from vbon_ds.engines.base import DeepSpeedModel
-from vbon_ds.engines.checkpoint import ENGINE_STATE_TAG, pickle_free_torch_load, refused_pickle
+from vbon_ds.engines.checkpoint import _TAG as CHECKPOINT_TAG
+from vbon_ds.engines.checkpoint import pickle_free_torch_load, refused_pickle
 from vbon_ds.errors import VbonError
 
 
@@ -62,9 +63,9 @@ def _saved_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
     module weights DeepSpeed stores whole in mp_rank_00_model_states.pt."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = engine_dir / ENGINE_STATE_TAG
+    tag_dir = engine_dir / CHECKPOINT_TAG
     if any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):  # only ZeRO-3 partitions the module itself
-        return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=ENGINE_STATE_TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=CHECKPOINT_TAG)
     whole = tag_dir / "mp_rank_00_model_states.pt"
     if not whole.is_file():
         raise VbonError(f"checkpoint {engine_dir} holds no model weights ({whole} is missing)")

@@ -4,6 +4,7 @@ answers carry reward.missing_eos_score, so its effect on every column is checked
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -38,21 +39,34 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(len(text)) for text in responses]
 
 
+@contextlib.contextmanager
+def world_of_one_not_exported():
+    """Evaluating in this process makes a world of one and exports its RANK, MASTER_PORT, ...: the processes
+    later tests launch must not inherit them (that port is taken). The process group stays (DeepSpeed keeps
+    groups made from it), and so does LOCAL_RANK, which DeepSpeed engines built later in this process read;
+    launchers set their own."""
+    saved_env = dict(os.environ)
+    try:
+        yield
+    finally:
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        os.environ.clear()
+        os.environ.update(saved_env, LOCAL_RANK=local_rank)
+
+
+@pytest.fixture(autouse=True)
+def _no_exported_world():
+    """`evaluate.run` makes the world of one before it checks its output location."""
+    with world_of_one_not_exported():
+        yield
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """One evaluation of the untrained tiny actor at the cache temperature and another, with the answers
     every sampling call returned, the cache and the model as plain Hugging Face."""
-    saved_env = dict(os.environ)
-    try:
+    with world_of_one_not_exported():
         yield _evaluate_captured(tmp_path_factory.mktemp("evaluate"))
-    finally:
-        # Evaluating here made a world of one in this process and exported its RANK, MASTER_PORT, ...: the
-        # processes later tests launch must not inherit them (that port is taken). The process group stays
-        # (DeepSpeed keeps groups made from it), and so does LOCAL_RANK, which DeepSpeed engines built
-        # later in this process read; launchers set their own.
-        local_rank = os.environ.get("LOCAL_RANK", "0")
-        os.environ.clear()
-        os.environ.update(saved_env, LOCAL_RANK=local_rank)
 
 
 def _evaluate_captured(root: Path) -> tuple:

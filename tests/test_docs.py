@@ -159,7 +159,6 @@ def test_readme_layer_table_is_the_design_notes():
 
 def test_where_is_what_names_modules_that_exist():
     rows = markdown_table(DESIGN.read_text(), "| question | where |")
-    assert len(rows) >= 10
     named = [name for row in rows for name in named_modules(row[1])]
     assert "algorithms/objective.py" in named and "algorithms/registry.py" in named
     assert [n for n in named if not (PACKAGE / n).exists() and n not in TO_BE_ADDED] == []

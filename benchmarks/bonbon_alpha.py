@@ -33,7 +33,7 @@ from vbon_ds.core import losses
 from vbon_ds.data.prompts import load_prompts
 from vbon_ds.data.rewards import get_reward_function
 from vbon_ds.engines.base import position_ids
-from vbon_ds.engines.builders import _eos_ids
+from vbon_ds.engines.builders import generation_eos_ids
 from vbon_ds.engines.policy import checkpoint_settings_ignored, finish_rollout, sampling_config
 from vbon_ds.models.adapters import apply_trainable_subset, lora_layers
 from vbon_ds.models.loading import load_causal_lm, load_tokenizer
@@ -44,7 +44,7 @@ def sample_answers(model, tok, cfg, texts: list[str]) -> tuple[list[list[int]], 
     gen, n = cfg.generation, cfg.vbon.n
     repeated = [t for t in texts for _ in range(n)]
     prompt_ids, prompt_mask = encode_prompts(tok, repeated, cfg.data.max_prompt_tokens)
-    eos_ids = _eos_ids(model, tok)
+    eos_ids = generation_eos_ids(model, tok)
     config = sampling_config(
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, max_new_tokens=gen.max_new_tokens,
         min_new_tokens=gen.min_new_tokens, eos_ids=eos_ids, pad_id=tok.pad_token_id,

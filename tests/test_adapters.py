@@ -99,7 +99,7 @@ def test_lora_evaluation_gives_the_same_numbers_twice(tmp_path):
     """Two evaluations of one LoRA run, whatever the random state before each: the same table."""
     from vbon_ds.commands.demo import demo_config
     from vbon_ds.engines.build import build_engines
-    from vbon_ds.jobs import build_refcache, evaluate
+    from vbon_ds.jobs import build_refcache, evaluate, report
 
     saved_env = dict(os.environ)
     try:
@@ -113,7 +113,7 @@ def test_lora_evaluation_gives_the_same_numbers_twice(tmp_path):
         tables = []
         for seed in (1, 2):  # e.g. the state other work left behind
             torch.manual_seed(seed)
-            tables.append(evaluate.format_table(evaluate.evaluate(cfg, engines)))
+            tables.append(report.format_table(evaluate.evaluate(cfg, engines)))
     finally:  # as test_evaluate's fixture: no process-group variables for later tests' children
         local_rank = os.environ.get("LOCAL_RANK", "0")
         os.environ.clear()

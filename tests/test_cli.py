@@ -150,10 +150,13 @@ def test_plan_refuses_a_card_size_that_is_not_a_positive_number(size, capsys):
     assert f"argument --gpu-memory-gb: expected the memory of one card in GB (> 0), got {size!r}" in err
 
 
-def test_plan_help_documents_its_exit_codes(capsys):
-    from vbon_ds.cli import PLAN_DOES_NOT_FIT
-
+def test_plan_help_states_the_exit_codes_plan_returns(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"{PLAN_DOES_NOT_FIT} does not fit" in help_text and "2 config error" in help_text
+    stated = re.search(r"exit status: 0 fits the card, (\d+) does not fit, (\d+) config error", help_text)
+    assert stated, help_text
+    plan = ["plan", "--config", "launch/tldr_vbon.yaml", "--world-size", "8"]
+    assert main([*plan, "--gpu-memory-gb", "1e-6"]) == int(stated[1])
+    assert main([*plan, "--set", "vbon.n=0"]) == int(stated[2])
+    assert main(plan) == 0

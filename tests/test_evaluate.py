@@ -4,6 +4,7 @@ answers carry reward.missing_eos_score, so its effect on every column is checked
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -26,7 +27,7 @@ from vbon_ds.data.rewards import register_reward
 from vbon_ds.engines.build import build_engines
 from vbon_ds.engines.checkpoint import save_checkpoint
 from vbon_ds.errors import VbonError
-from vbon_ds.jobs import build_refcache, evaluate
+from vbon_ds.jobs import build_refcache, evaluate, report
 from vbon_ds.models.tiny_models import make_tiny_causal_lm
 
 CACHE_T, OTHER_T, K, N = 1.0, 0.5, 3, 4
@@ -38,21 +39,34 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(len(text)) for text in responses]
 
 
+@contextlib.contextmanager
+def world_of_one_not_exported():
+    """Evaluating in this process makes a world of one and exports its RANK, MASTER_PORT, ...: the processes
+    later tests launch must not inherit them (that port is taken). The process group stays (DeepSpeed keeps
+    groups made from it), and so does LOCAL_RANK, which DeepSpeed engines built later in this process read;
+    launchers set their own."""
+    saved_env = dict(os.environ)
+    try:
+        yield
+    finally:
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        os.environ.clear()
+        os.environ.update(saved_env, LOCAL_RANK=local_rank)
+
+
+@pytest.fixture(autouse=True)
+def _no_exported_world():
+    """`evaluate.run` makes the world of one before it checks its output location."""
+    with world_of_one_not_exported():
+        yield
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """One evaluation of the untrained tiny actor at the cache temperature and another, with the answers
     every sampling call returned, the cache and the model as plain Hugging Face."""
-    saved_env = dict(os.environ)
-    try:
+    with world_of_one_not_exported():
         yield _evaluate_captured(tmp_path_factory.mktemp("evaluate"))
-    finally:
-        # Evaluating here made a world of one in this process and exported its RANK, MASTER_PORT, ...: the
-        # processes later tests launch must not inherit them (that port is taken). The process group stays
-        # (DeepSpeed keeps groups made from it), and so does LOCAL_RANK, which DeepSpeed engines built
-        # later in this process read; launchers set their own.
-        local_rank = os.environ.get("LOCAL_RANK", "0")
-        os.environ.clear()
-        os.environ.update(saved_env, LOCAL_RANK=local_rank)
 
 
 def _evaluate_captured(root: Path) -> tuple:
@@ -199,7 +213,7 @@ def test_front_and_report(evaluated, tmp_path):
     ys = [row.eval_reward for row in rows]  # the front is taken on the evaluation reward when it is set
     assert [row.on_front for row in rows] == pareto_front(ys, [row.kl for row in rows])
     assert any(row.on_front for row in rows)
-    evaluate.write_report(cfg, rows, tmp_path / "frontier")
+    report.write_report(cfg, rows, tmp_path / "frontier")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "frontier.md").read_text()
     assert (
@@ -224,23 +238,23 @@ def test_at_most_one_evaluation_reward_and_a_known_one(tmp_path):
 
 def test_share_of_bon_gain_reads_the_cached_reference_and_bon_n():
     def row(method, temperature, reward, kl, **kw):
-        return evaluate.EvalRow(method, temperature, reward, kl, win_rate=0.5, bon_n=8, **kw)
+        return report.EvalRow(method, temperature, reward, kl, win_rate=0.5, bon_n=8, **kw)
 
     rows = [
         row("reference", None, 0.1, 0.0),
         row("BoN(2)", None, 0.3, 0.15, kl_bound=0.193),
         row("BoN(8)", None, 0.7, 1.1, kl_bound=1.204),
-        row(evaluate.FRESH_REFERENCE, 1.0, 0.2, 0.0),
+        row(report.FRESH_REFERENCE, 1.0, 0.2, 0.0),
         row("policy", 1.0, 0.4, 0.63),
         row("klrl", 0.7, 0.05, 0.1),
     ]
-    assert evaluate.share_of_bon_gain(rows) == [
+    assert report.share_of_bon_gain(rows) == [
         "policy (T = 1): reward gain over the reference +0.300, 50% of BoN(8)'s +0.600, at KL 0.630"
         " (BoN(8): 1.100, bound 1.204)",
         "klrl (T = 0.7): reward gain over the reference -0.050, -8% of BoN(8)'s +0.600, at KL 0.100"
         " (BoN(8): 1.100, bound 1.204)",
     ]
-    assert evaluate.share_of_bon_gain(rows[3:]) == []  # no cached rows: nothing to compare with
+    assert report.share_of_bon_gain(rows[3:]) == []  # no cached rows: nothing to compare with
 
 
 @pytest.mark.slow
@@ -316,11 +330,9 @@ def test_bon_of_all_m_cached_answers_has_its_row_and_the_share_line():
     bon4 = rows[-1]
     assert bon4.reward == pytest.approx(statistics.fmean([0.4, 0.7]), abs=1e-7) and bon4.win_rate is None
     assert bon4.kl == pytest.approx(bon_kl_bound(4), abs=1e-12) == bon4.kl_bound  # no ties
-    policy = evaluate.EvalRow("policy", 1.0, reward=0.5, kl=0.3, win_rate=0.6, bon_n=4)
-    assert evaluate.share_of_bon_gain([*rows, policy])[0].startswith(
-        "policy (T = 1): reward gain over the ref"
-    )
-    assert "| BoN(4) | - |" in evaluate.format_table([*rows, policy])
+    policy = report.EvalRow("policy", 1.0, reward=0.5, kl=0.3, win_rate=0.6, bon_n=4)
+    assert report.share_of_bon_gain([*rows, policy])[0].startswith("policy (T = 1): reward gain over the ref")
+    assert "| BoN(4) | - |" in report.format_table([*rows, policy])
 
 
 def test_the_front_takes_bon_at_its_kl_for_the_cache_ties():
@@ -330,11 +342,11 @@ def test_the_front_takes_bon_at_its_kl_for_the_cache_ties():
     bon2 = rows["BoN(2)"]
     assert bon2.kl == pytest.approx(bon_kl_from_samples(refs[0], 2).item()) and bon2.kl < bon2.kl_bound - 0.05
     # A policy as good as BoN(2) at a KL between the two: dominated by BoN(2) at its actual KL.
-    policy = evaluate.EvalRow("policy", 1.0, bon2.reward, kl=(bon2.kl + bon2.kl_bound) / 2, win_rate=0.5)
-    marked = evaluate.mark_front([*rows.values(), policy])
+    policy = report.EvalRow("policy", 1.0, bon2.reward, kl=(bon2.kl + bon2.kl_bound) / 2, win_rate=0.5)
+    marked = report.mark_front([*rows.values(), policy])
     assert bon2.on_front and not marked[-1].on_front
-    assert f"{bon2.kl:.3f} ± " not in evaluate.format_table(marked)  # one KL per prompt: no spread
-    assert f"| {bon2.kl:.3f} (bound {bon2.kl_bound:.3f}) |" in evaluate.format_table(marked)
+    assert f"{bon2.kl:.3f} ± " not in report.format_table(marked)  # one KL per prompt: no spread
+    assert f"| {bon2.kl:.3f} (bound {bon2.kl_bound:.3f}) |" in report.format_table(marked)
 
 
 def test_cached_answers_that_end_in_any_eos_id_of_the_reference_count_as_ended():

@@ -234,7 +234,7 @@ def test_demo_output_dir_is_the_same_either_way_and_absolute(tmp_path, monkeypat
 
 def test_full_disk_while_writing_the_evaluation_names_the_file(tmp_path, monkeypatch):
     from vbon_ds.config import load_config
-    from vbon_ds.jobs.evaluate import EvalRow, write_report
+    from vbon_ds.jobs.report import EvalRow, write_report
 
     real_write_text = Path.write_text
 

@@ -1,4 +1,4 @@
-"""The `vbon` command: one subcommand per pipeline. Errors a user can fix print one line and exit 2;
+"""The `vbon` command: one subcommand per job. Errors a user can fix print one line and exit 2;
 `vbon plan` exits 3 when the run does not fit the card."""
 
 from __future__ import annotations

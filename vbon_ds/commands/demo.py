@@ -129,7 +129,8 @@ def run_demo(
 ) -> None:
     """refcache -> train -> evaluate on the preset, printing the evaluation table at the end."""
     from vbon_ds.jobs import build_refcache
-    from vbon_ds.jobs.evaluate import evaluate, format_table, share_of_bon_gain, write_report
+    from vbon_ds.jobs.evaluate import evaluate
+    from vbon_ds.jobs.report import format_table, share_of_bon_gain, write_report
     from vbon_ds.jobs.train import Trainer
 
     distributed.init_distributed()

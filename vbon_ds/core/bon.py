@@ -59,7 +59,7 @@ def bon_kl_from_samples(ref_rewards: Tensor, n: int) -> Tensor:
     reward ties, and lies in between otherwise (tie-heavy rewards such as lexicon scores). Every sample
     taken as an atom of mass 1/M instead would bias a tie-free KL low by finite M (docs/math.md).
     """
-    refs = _order_stats(ref_rewards, n, extra=0)
+    refs = sorted_ref_rewards(ref_rewards, n, extra=0)
     num_refs = refs.shape[-1]
     below = torch.searchsorted(refs, refs, side="left")
     at_or_below = torch.searchsorted(refs, refs, side="right")
@@ -221,7 +221,7 @@ def vbon_reward(
     return _log_bon_ratio(log_le, log_lt - log_le, n) / (n - 1)
 
 
-def _order_stats(ref_rewards: Tensor, n: int, extra: int) -> Tensor:
+def sorted_ref_rewards(ref_rewards: Tensor, n: int, extra: int) -> Tensor:
     """Sorted float64 reference rewards [B, M]; checks M >= n + extra."""
     _check_n(n)
     if ref_rewards.dim() not in (1, 2):
@@ -234,7 +234,7 @@ def _order_stats(ref_rewards: Tensor, n: int, extra: int) -> Tensor:
     return torch.sort(ref_rewards.double().reshape(-1, num_refs), dim=-1).values
 
 
-def _log_binom(top: Tensor, k: int) -> Tensor:
+def log_binom(top: Tensor, k: int) -> Tensor:
     """log C(top, k) for float64 tensors `top`, -inf where top < k."""
     safe = top.clamp_min(k)
     out = torch.lgamma(safe + 1) - math.lgamma(k + 1) - torch.lgamma(safe - k + 1)
@@ -247,10 +247,10 @@ def expected_bon_reward(ref_rewards: Tensor, n: int) -> Tensor:
     The average of the max over all C(M, N) subsets: sum_i C(i-1, N-1) / C(M, N) * r_(i) over the sorted
     rewards r_(1) <= ... <= r_(M). `ref_rewards` [M] -> scalar, [B, M] -> [B]; float64.
     """
-    refs = _order_stats(ref_rewards, n, extra=0)
+    refs = sorted_ref_rewards(ref_rewards, n, extra=0)
     num_refs = refs.shape[-1]
     rank = torch.arange(1, num_refs + 1, dtype=refs.dtype, device=refs.device)
-    weights = torch.exp(_log_binom(rank - 1, n - 1) - _log_binom(rank.new_tensor(num_refs), n))
+    weights = torch.exp(log_binom(rank - 1, n - 1) - log_binom(rank.new_tensor(num_refs), n))
     return (refs * weights).sum(-1).reshape(ref_rewards.shape[:-1])
 
 
@@ -261,12 +261,12 @@ def bon_win_rate(ref_rewards: Tensor, n: int) -> Tensor:
     BoN draw, so M >= N + 1. For opponent v: 1 - (C(#others <= v, N) + C(#others < v, N)) / (2 C(M-1, N)).
     Equals N / (N + 1) when no rewards tie. `ref_rewards` [M] -> scalar, [B, M] -> [B]; float64.
     """
-    refs = _order_stats(ref_rewards, n, extra=1)
+    refs = sorted_ref_rewards(ref_rewards, n, extra=1)
     num_refs = refs.shape[-1]
     below = torch.searchsorted(refs, refs, side="left").double()
     others_at_or_below = torch.searchsorted(refs, refs, side="right").double() - 1
     # P(max of N others <= v) and P(max of N others < v): the share of N-subsets of the M - 1 others.
-    log_total = _log_binom(refs.new_tensor(num_refs - 1), n)
-    max_at_most = torch.exp(_log_binom(others_at_or_below, n) - log_total)
-    max_below = torch.exp(_log_binom(below, n) - log_total)
+    log_total = log_binom(refs.new_tensor(num_refs - 1), n)
+    max_at_most = torch.exp(log_binom(others_at_or_below, n) - log_total)
+    max_below = torch.exp(log_binom(below, n) - log_total)
     return (1 - (max_at_most + max_below) / 2).mean(-1).reshape(ref_rewards.shape[:-1])

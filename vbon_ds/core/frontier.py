@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vbon_ds.core.bon import _log_binom, _order_stats
+from vbon_ds.core.bon import log_binom, sorted_ref_rewards
 
 
 def mean_and_se(values: Tensor) -> tuple[float, float]:
@@ -39,12 +39,12 @@ def win_rate_vs_bon(rewards: Tensor, ref_rewards: Tensor, n: int) -> Tensor:
     C(le, n) / C(M, n), so the win rate is (C(lt, n) + C(le, n)) / (2 C(M, n)); n = 1 is the win rate
     against one reference answer. `rewards` [B] or [B, K], `ref_rewards` [B, M] (any order); float64.
     """
-    refs = _order_stats(ref_rewards, n, extra=0)
+    refs = sorted_ref_rewards(ref_rewards, n, extra=0)
     values = rewards.double().reshape(refs.shape[0], -1).contiguous()
     lt = torch.searchsorted(refs, values, side="left").double()
     le = torch.searchsorted(refs, values, side="right").double()
-    log_total = _log_binom(refs.new_tensor(refs.shape[-1]), n)
-    win = (torch.exp(_log_binom(lt, n) - log_total) + torch.exp(_log_binom(le, n) - log_total)) / 2
+    log_total = log_binom(refs.new_tensor(refs.shape[-1]), n)
+    win = (torch.exp(log_binom(lt, n) - log_total) + torch.exp(log_binom(le, n) - log_total)) / 2
     return win.reshape(rewards.shape)
 
 
@@ -58,12 +58,12 @@ def expected_bon_other_reward(ref_rewards: Tensor, other: Tensor, n: int) -> Ten
     """
     if ref_rewards.shape != other.shape or ref_rewards.dim() != 2:
         raise ValueError(f"ref_rewards and other must both be [B, M], got {ref_rewards.shape}, {other.shape}")
-    _order_stats(ref_rewards, n, extra=0)  # checks n and M
+    sorted_ref_rewards(ref_rewards, n, extra=0)  # checks n and M
     order = torch.sort(ref_rewards.double(), dim=-1, stable=True)
     ranked, values = order.values, other.double().gather(-1, order.indices)
     m = ranked.shape[-1]
     rank = torch.arange(1, m + 1, dtype=torch.float64)
-    weights = torch.exp(_log_binom(rank - 1, n - 1) - _log_binom(rank.new_tensor(m), n)).expand_as(ranked)
+    weights = torch.exp(log_binom(rank - 1, n - 1) - log_binom(rank.new_tensor(m), n)).expand_as(ranked)
     # Each answer gets the mean weight of its tie group [lo, hi) of the selecting reward.
     cumulative = torch.nn.functional.pad(weights.cumsum(-1), (1, 0))
     lo = torch.searchsorted(ranked, ranked, side="left")

@@ -115,7 +115,7 @@ def switch_off_dropout(model: torch.nn.Module) -> list[str]:
     return nonzero
 
 
-def _accelerator() -> tuple[bool, bool]:
+def accelerator_support() -> tuple[bool, bool]:
     """(on a GPU, bfloat16 supported there)."""
     on_gpu = torch.cuda.is_available()
     return on_gpu, on_gpu and torch.cuda.is_bf16_supported()
@@ -127,7 +127,7 @@ def _ds_config(
     template = load_ds_template(cfg.deepspeed.config)
     if not trainable and template.get("zero_optimization", {}).get("stage") != 3:
         template = load_ds_template("zero3")
-    on_gpu, bf16 = _accelerator()
+    on_gpu, bf16 = accelerator_support()
     return fill_ds_config(
         template,
         cfg,
@@ -162,7 +162,7 @@ def _initialize(
         cfg, sizes, trainable=trainable, lr=lr, hidden_size=getattr(model_config, "hidden_size", None)
     )
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # must exist before from_pretrained to partition at load
-    model = load(dtype=getattr(torch, precision(cfg, *_accelerator())))
+    model = load(dtype=getattr(torch, precision(cfg, *accelerator_support())))
     scheduler = None
     # A frozen actor (evaluation) gets the adapters too, so a LoRA checkpoint's weights load by name.
     apply_trainable_subset(model, cfg.model, cfg.train.seed, lora=lora)
@@ -202,7 +202,7 @@ def load_policy_tokenizer(cfg: ExperimentConfig) -> PreTrainedTokenizerBase:
     )
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def generation_eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS of the tokenizer plus any the checkpoint's generation config stops at (e.g. chat end tokens)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     extra = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -231,7 +231,7 @@ def _policy(
         engine,
         hf_ds_config,
         trainable=trainable,
-        eos_ids=_eos_ids(engine.module, tokenizer),
+        eos_ids=generation_eos_ids(engine.module, tokenizer),
         pad_id=tokenizer.pad_token_id,
     )
 

@@ -1,4 +1,4 @@
-"""Process group setup and the few collectives the pipelines need.
+"""Process group setup and the few collectives the jobs need.
 
 `init_distributed()` works under `deepspeed`, `torchrun` or Slurm launchers (they set RANK/WORLD_SIZE) and
 as a plain `python` process (it then sets up a world of one on a free local port). gloo on CPU, nccl on CUDA.

@@ -2,7 +2,7 @@
 
 With LoRA every base weight of the actor stays frozen, so switching the adapters off gives back the starting
 model exactly: pi_ref without a second copy of the weights and without a second engine. It offers the
-two calls the pipelines make on a reference `PolicyEngine`: log-probs and generation. It holds no state of
+two calls the jobs make on a reference `PolicyEngine`: log-probs and generation. It holds no state of
 its own, so there is nothing to checkpoint.
 """
 

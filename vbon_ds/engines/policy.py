@@ -139,7 +139,7 @@ def sampling_config(
     softmax(logits / temperature), restricted to the top-k / top-p set (and EOS masked before
     min_new_tokens) only when those are on. Every log-prob, KL and BoN formula (the recorder, training
     forwards, evaluation, the reference cache) is of the full softmax(logits / temperature), so they hold
-    only with top_p=1, top_k=0, min_new_tokens=0, which config loading enforces for every pipeline; other
+    only with top_p=1, top_k=0, min_new_tokens=0, which config loading enforces for every job; other
     values are for direct engine use (benchmarks) only. Use it under `checkpoint_settings_ignored`."""
     return GenerationConfig(
         do_sample=True,

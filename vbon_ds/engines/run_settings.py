@@ -30,7 +30,7 @@ from typing import Any
 
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.engines import distributed
-from vbon_ds.engines.builders import _accelerator
+from vbon_ds.engines.builders import accelerator_support
 from vbon_ds.engines.ds_config import precision
 from vbon_ds.errors import VbonError
 from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
@@ -70,7 +70,7 @@ def weights_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         **_from_model_section(model, _CONFIG_FIELDS + _LAYOUT_CONFIG_FIELDS),
         CONTENT: model_content_id(cfg.model.actor, cfg.model.gguf_file),
-        "model.dtype": precision(cfg, *_accelerator()),  # auto resolved as the engines do
+        "model.dtype": precision(cfg, *accelerator_support()),  # auto resolved as the engines do
         CRITIC: _critic(cfg),
         WORLD: distributed.world_size(),
     }

@@ -13,7 +13,6 @@ import contextlib
 import pickle
 from pathlib import Path
 
-import deepspeed
 import torch
 
 from vbon_ds.engines import distributed
@@ -25,6 +24,8 @@ from vbon_ds.errors import VbonError
 
 def load_trained_weights(engine: DeepSpeedModel, engine_dir: str | Path) -> None:
     """Copy the weights saved under `engine_dir` (a step directory's engine folder) into `engine`."""
+    import deepspeed
+
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         raise VbonError(f"checkpoint has no weights for this engine: {engine_dir} is missing")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from vbon_ds.algorithms.onpolicy import TokenBatch, policy_logprobs
-from vbon_ds.algorithms.registry import run_label
+from vbon_ds.algorithms.registry import algorithm_of, run_label
 from vbon_ds.algorithms.rollout import ScoredRollout, sample_and_score, shard_evenly
 from vbon_ds.config import ConfigError, ExperimentConfig
 from vbon_ds.core import bon
@@ -493,7 +493,8 @@ def _run_policy(
         return Policy(label, run=str(run_dir), steps=0)
     state = distributed.from_main(lambda: read_trainer_state(checkpoint))
     recorded = distributed.from_main(lambda: recorded_settings(state, what))  # warns once for old ones
-    check_resume_compatible(recorded, weights_settings(cfg), what, training=False)
+    current = weights_settings(cfg, critic=algorithm_of(cfg).needs.critic)
+    check_resume_compatible(recorded, current, what, training=False)
     setting = run_setting(state["config"]) if "config" in state else ""
     return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
 

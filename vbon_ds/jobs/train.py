@@ -59,9 +59,9 @@ class Trainer:
         self.cfg = cfg
         self.rank = distributed.rank()
         self.out = Path(cfg.train.output_dir)
-        self.settings = weights_settings(cfg)  # recorded in every checkpoint
-        self.resume_from = self._checkpoint_to_resume()  # checked against self.settings before models load
         self.algorithm = algorithm_of(cfg)
+        self.settings = weights_settings(cfg, critic=self.algorithm.needs.critic)  # in every checkpoint
+        self.resume_from = self._checkpoint_to_resume()  # checked against self.settings before models load
         self.engines = engines if engines is not None else build_engines(cfg, **asdict(self.algorithm.needs))
         self._seed_everything(cfg.train.seed)
         self.prompts = load_prompts(cfg.data, "train")

@@ -202,13 +202,9 @@ class Trainer:
         problems = [p for p in distributed.all_gather_object(problem) if p]
         if problems:
             return {}, "; ".join(problems)
-        stats = {
-            **experience.stats,
-            **update(
-                experience, self.engines, self.cfg, self.algorithm.losses,
-                epochs=self.cfg.algo.ppo_epochs, generator=self.step_generator(0),
-            ),
-        }  # fmt: skip
+        losses = self.algorithm.losses  # (engine, loss) pairs; update runs backward and step after each
+        epochs, generator = self.cfg.algo.ppo_epochs, self.step_generator(0)
+        stats = {**experience.stats, **update(experience, self.engines, self.cfg, losses, epochs, generator)}
         skipped = stats.pop("train/skipped_micro_batches")
         stats["train/lr"] = self.engines.actor.current_lr()
         stats["time/step"] = time.perf_counter() - t0

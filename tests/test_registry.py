@@ -9,15 +9,14 @@ import tokenize
 from pathlib import Path
 
 import pytest
+from test_trainer_guards import tiny_config, tiny_model  # noqa: F401 (tiny_model: a fixture)
 
 from vbon_ds.algorithms import onpolicy
 from vbon_ds.algorithms.onpolicy import Experience, Loss
 from vbon_ds.algorithms.registry import ALGORITHMS, Algorithm, algorithm_table
-from vbon_ds.commands.demo import demo_config
 from vbon_ds.config import AlgoConfig, ExperimentConfig
 from vbon_ds.core import losses
 from vbon_ds.engines.build import Engines
-from vbon_ds.models.tiny_models import make_tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "vbon_ds"
@@ -68,21 +67,8 @@ def test_the_engines_follow_the_entry():
 # ---------------------------------------------------------------- a new algorithm trains through its entry
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """Made before any engine exists (under a live ZeRO-3 engine transformers builds models partitioned)."""
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def tiny_config(out: Path, model: Path, *overrides: str) -> ExperimentConfig:
-    import shutil
-
-    shutil.copytree(model, out / "model")  # the tiny preset uses output_dir/model when it exists
-    return demo_config("tiny", out, list(overrides))
-
-
 @pytest.mark.slow
-def test_a_new_entry_trains_one_step_with_its_own_loss(tmp_path, tiny_model, monkeypatch):
+def test_a_new_entry_trains_one_step_with_its_own_loss(tmp_path, tiny_model, monkeypatch):  # noqa: F811
     """A toy algorithm (advantage-weighted log-likelihood of its own answers, no critic) put in the registry
     under an allowed name: the trainer builds its engines, runs its experience and only its loss."""
     from vbon_ds.jobs.train import Trainer

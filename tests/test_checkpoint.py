@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vbon_ds.algorithms.registry import algorithm_of
 from vbon_ds.config import config_to_dict, load_config
 from vbon_ds.engines.checkpoint import load_checkpoint, save_checkpoint
 from vbon_ds.engines.checkpoint_layout import (
@@ -248,7 +249,8 @@ def test_train_reruns_a_finished_run_as_a_no_op_and_resumes_past_a_broken_latest
 
 
 def settings(*overrides: str) -> dict:
-    return weights_settings(load_config(None, ["model.actor=gpt2", *overrides]))
+    cfg = load_config(None, ["model.actor=gpt2", *overrides])
+    return weights_settings(cfg, critic=algorithm_of(cfg).needs.critic)
 
 
 def test_a_changed_weights_setting_is_named_with_both_values_and_no_advice_to_delete():

@@ -15,17 +15,6 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "vbon_ds"
 DESIGN = REPO / "docs" / "design.md"
 
-# Named in the tables, written on other branches of the restructuring (issue 21); remove at merge.
-TO_BE_ADDED = {
-    "algorithms/registry.py",
-    "algorithms/objective.py",
-    "algorithms/step.py",
-}
-# Imports against the layers on this branch that the algorithm registry removes (issue 21); remove at merge.
-KNOWN_UPWARD = {
-    ("engines/build.py", "algorithms/offline.py"),
-    ("engines/memory_plan.py", "algorithms/offline.py"),
-}
 
 TICKED = re.compile(r"`([^`]+)`")
 
@@ -110,7 +99,7 @@ def imported_modules(path: Path) -> set[str]:
 def test_every_module_is_in_exactly_one_layer_row_and_every_named_module_exists():
     layers = layer_of()
     assert [m for m in package_modules() if m not in layers] == [], "modules missing from the layer table"
-    missing = sorted(m for m in layers if not (PACKAGE / m).is_file() and m not in TO_BE_ADDED)
+    missing = sorted(m for m in layers if not (PACKAGE / m).is_file())
     assert missing == [], "the layer table names modules that do not exist"
 
 
@@ -119,7 +108,7 @@ def test_no_module_imports_from_a_lower_row_of_the_layer_table():
     upward = []
     for module in package_modules():
         for target in imported_modules(PACKAGE / module):
-            if layers[target] > layers[module] and (module, target) not in KNOWN_UPWARD:
+            if layers[target] > layers[module]:
                 upward.append(f"{module} [{labels[layers[module]]}] -> {target} [{labels[layers[target]]}]")
     assert upward == []
 
@@ -151,7 +140,7 @@ def test_where_is_what_names_modules_that_exist():
     rows = markdown_table(DESIGN.read_text(), "| question | where |")
     named = [name for row in rows for name in named_modules(row[1])]
     assert "algorithms/objective.py" in named and "algorithms/registry.py" in named
-    assert [n for n in named if not (PACKAGE / n).exists() and n not in TO_BE_ADDED] == []
+    assert [n for n in named if not (PACKAGE / n).exists()] == []
 
 
 def module_level_imports(tree: ast.Module) -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from vbon_ds.algorithms.registry import training_memory_plan as memory_plan
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
 from vbon_ds.data.rewards import get_reward_function, register_reward, reward_names, vowel_ratio
@@ -23,7 +24,6 @@ from vbon_ds.engines.builders import build_critic, build_reference, build_reward
 from vbon_ds.engines.checkpoint import load_checkpoint
 from vbon_ds.engines.checkpoint_layout import latest_checkpoint, step_dirs
 from vbon_ds.engines.distributed import free_port
-from vbon_ds.engines.memory_plan import memory_plan
 from vbon_ds.engines.policy import checkpoint_settings_ignored, finish_rollout, sampling_config
 from vbon_ds.engines.reward import LastTokenReward, RewardScorer, reward_inputs
 from vbon_ds.errors import VbonError

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from vbon_ds.algorithms import onpolicy as phases
-from vbon_ds.algorithms.offline import choose_pairs, offline_micro_step
+from vbon_ds.algorithms import step
+from vbon_ds.algorithms.offline import choose_pairs
+from vbon_ds.algorithms.registry import ALGORITHMS
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
 from vbon_ds.core import bon, losses
@@ -131,9 +133,12 @@ def step_through(cfg, policy: FakePolicy, critic=None):
         cfg, rewards, None, [f"p{j // 2}" for j in range(6)], torch.ones(6, dtype=torch.bool)
     )
     logps = phases.logprobs(engines, cfg, batch)
-    exp = phases.advantages(cfg, 0.1, batch, scores, logps)
-    stats = phases.update(exp, engines.sizes, cfg.algo.ppo_epochs, torch.Generator().manual_seed(0),
-                          phases.ppo_micro_step(engines, cfg))  # fmt: skip
+    estimator = phases.gae_advantages if critic is not None else phases.leave_one_out_advantages
+    exp = phases.advantages(cfg, 0.1, batch, scores, logps, estimator)
+    algorithm = ALGORITHMS[cfg.algo.name]
+    stats = step.update(
+        exp, engines, cfg, algorithm.losses, cfg.algo.ppo_epochs, torch.Generator().manual_seed(0)
+    )
     return exp, stats
 
 
@@ -166,7 +171,7 @@ def test_kl_is_zero_when_actor_is_the_reference():
     scores = phases.score(
         cfg, torch.ones(6, dtype=torch.float64), None, ["p"] * 6, torch.ones(6, dtype=torch.bool)
     )
-    exp = phases.advantages(cfg, 0.1, batch, scores, logps)
+    exp = phases.advantages(cfg, 0.1, batch, scores, logps, phases.leave_one_out_advantages)
     assert exp.stats["train/kl"] == 0.0
     # Equal rewards and zero KL: every leave-one-out advantage is 0.
     assert torch.equal(exp.tensors["advantages"], torch.zeros_like(exp.tensors["advantages"]))
@@ -227,10 +232,10 @@ def test_a_non_finite_loss_is_skipped_with_a_zero_gradient():
     rows = phases.batch_tensors(token_batch(RESPONSES))[:2]
     table = policy.table.detach().clone()
     logp = policy.response_logprobs(*rows, 2, 1.0)
-    assert not phases.backward_and_step(policy, logp.sum() * math.nan, logp)
+    assert not step.backward_and_step(policy, logp.sum() * math.nan, logp)
     assert torch.equal(policy.table.detach(), table) and policy.optimizer_steps == 1
     logp = policy.response_logprobs(*rows, 2, 1.0)
-    assert phases.backward_and_step(policy, logp.sum(), logp)
+    assert step.backward_and_step(policy, logp.sum(), logp)
     assert not torch.equal(policy.table.detach(), table)
 
 
@@ -264,10 +269,10 @@ def test_offline_update_moves_what_it_optimises(algo):
     refs = {"ref_chosen": sequence_logp(reference, chosen).detach(),
             "ref_rejected": sequence_logp(reference, rejected).detach()}  # fmt: skip
     exp = phases.Experience({"chosen": chosen, "rejected": rejected}, refs)
-    step = offline_micro_step(engines, cfg)
-    first = phases.update(exp, engines.sizes, 1, torch.Generator().manual_seed(0), step)
+    terms = ALGORITHMS[algo].losses
+    first = step.update(exp, engines, cfg, terms, 1, torch.Generator().manual_seed(0))
     for _ in range(5):
-        last = phases.update(exp, engines.sizes, 1, torch.Generator().manual_seed(0), step)
+        last = step.update(exp, engines, cfg, terms, 1, torch.Generator().manual_seed(0))
     assert policy.optimizer_steps == 6
     assert last["train/loss"] < first["train/loss"]
     if algo == "bon_sft":
@@ -287,14 +292,15 @@ def test_micro_step_losses_sum_each_answer_over_max_new_tokens():
     cfg = rloo_config("algo.name=bon_sft", "generation.max_new_tokens=7")
     engines = Engines(tokenizer=None, sizes=batch_sizes(cfg, 1), actor=policy, reference=FakePolicy())
     exp = phases.Experience({"chosen": chosen}, {"ref_chosen": torch.zeros(2, dtype=torch.float64)})
-    stats, _ = offline_micro_step(engines, cfg)(exp)
+    stats, _ = step.micro_step(exp, engines, cfg, ALGORITHMS["bon_sft"].losses)
     assert stats["train/loss"] == pytest.approx(-(logp * mask).sum(1).mean().item() / 7)
     rl = rloo_config("generation.max_new_tokens=7")
     advantages = torch.tensor([1.5, -0.5], dtype=torch.float64)
     exp = phases.Experience(
         {"answers": chosen}, {"logprobs": logp, "advantages": advantages.unsqueeze(1) * mask}
     )
-    stats, _ = phases.ppo_micro_step(Engines(None, batch_sizes(rl, 1), FakePolicy(), FakePolicy()), rl)(exp)
+    engines = Engines(None, batch_sizes(rl, 1), FakePolicy(), FakePolicy())
+    stats, _ = step.micro_step(exp, engines, rl, ALGORITHMS["rloo"].losses)
     # ratio 1 at the first epoch: -A per token, 3 and 1 tokens
     assert stats["train/loss"] == pytest.approx(-(1.5 * 3 - 0.5 * 1) / 2 / 7)
 

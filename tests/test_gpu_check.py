@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from vbon_ds.algorithms.registry import training_memory_plan as memory_plan
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
-from vbon_ds.engines.memory_plan import memory_plan
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -13,10 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from vbon_ds.algorithms.registry import training_memory_plan
 from vbon_ds.cli import PLAN_DOES_NOT_FIT, main
 from vbon_ds.config import load_config
 from vbon_ds.engines.distributed import free_port
-from vbon_ds.engines.memory_plan import GIB, PYTHIA, memory_plan, pythia_config
+from vbon_ds.engines.memory_plan import GIB, PYTHIA, pythia_config
 from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_reward_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,18 +72,20 @@ def test_offload_lora_and_frozen_layers_in_the_arithmetic(models):
         "train.prompts_per_step=8",
         "train.micro_batch_size=2",
     ]
-    full = memory_plan(load_config(None, base), 2)
+    full = training_memory_plan(load_config(None, base), 2)
     assert [e.name for e in full.engines] == ["actor", "critic", "reference", "reward"]
-    offload = memory_plan(load_config(None, [*base, "deepspeed.config=zero3_offload"]), 2).engines[0]
+    offload = training_memory_plan(load_config(None, [*base, "deepspeed.config=zero3_offload"]), 2).engines[0]
     assert offload.params == offload.grads == offload.optimizer == 0.0  # all on the CPU
 
-    lora = memory_plan(load_config(None, [*base, "model.lora_rank=2", "model.lora_target_modules=q_proj"]), 2)
+    lora = training_memory_plan(
+        load_config(None, [*base, "model.lora_rank=2", "model.lora_target_modules=q_proj"]), 2
+    )
     assert [e.name for e in lora.engines] == ["actor", "critic", "reward"]  # reference: adapters off
     adapters = 3 * 2 * (32 + 32)  # 3 layers x rank 2 x (in + out) of a 32 x 32 projection
     assert lora.engines[0].shape.trainable_total == adapters
     assert lora.engines[0].elements["adam"] == 2 * adapters // 2  # two moments, half of them per rank
 
-    top = memory_plan(load_config(None, [*base, "model.trainable_layers=1"]), 2).engines[0]
+    top = training_memory_plan(load_config(None, [*base, "model.trainable_layers=1"]), 2).engines[0]
     assert top.shape.trained_layers == 1 and top.activations < full.engines[0].activations
 
 
@@ -90,7 +93,7 @@ def test_pythia_shapes_without_the_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     rule_reward = ["reward.function=vowel_ratio", "algo.name=rloo", "algo.samples_per_prompt=2"]
     cfg = load_config(None, ["model.actor=EleutherAI/pythia-2.8b", *rule_reward])
-    plan = memory_plan(cfg, 8)
+    plan = training_memory_plan(cfg, 8)
     actor = plan.engines[0]
     assert actor.shape.total == 2_775_208_960 and actor.shape.layers == PYTHIA["pythia-2.8b"][0]
     assert "model shapes from the built-in Pythia table (hub unreachable)" in plan.notes
@@ -130,7 +133,7 @@ def test_engines_and_phases_are_those_the_algorithm_runs(models, algo, engines, 
         f"algo.name={algo}",
         "algo.samples_per_prompt=2",
     ]
-    plan = memory_plan(load_config(None, overrides), 2)
+    plan = training_memory_plan(load_config(None, overrides), 2)
     assert [e.name for e in plan.engines] == engines
     assert list(plan.phases) == phases
     assert plan.engines[0].generation == (
@@ -142,9 +145,9 @@ def test_engines_and_phases_are_those_the_algorithm_runs(models, algo, engines, 
 def test_pair_losses_hold_two_forward_graphs(models, checkpointing):
     actor, reward = models
     base = [f"model.actor={actor}", f"reward.model={reward}", f"model.gradient_checkpointing={checkpointing}"]
-    one = memory_plan(load_config(None, [*base, "algo.name=bon_sft"]), 2).engines[0]
+    one = training_memory_plan(load_config(None, [*base, "algo.name=bon_sft"]), 2).engines[0]
     for pair in ("dpo", "ipo", "bonbon"):
-        two = memory_plan(load_config(None, [*base, f"algo.name={pair}"]), 2).engines[0]
+        two = training_memory_plan(load_config(None, [*base, f"algo.name={pair}"]), 2).engines[0]
         if checkpointing:  # twice the checkpointed layer inputs, one layer recomputed at a time
             assert two.activations - one.activations == pytest.approx(
                 one.activations - one.activations_other / 3
@@ -170,7 +173,9 @@ def _deepspeed_estimates(total: int, largest_layer: int, world: int) -> tuple[in
 
 
 def _actor(overrides: list[str], stage: str, world: int):
-    return memory_plan(load_config(None, [*overrides, f"deepspeed.config={stage}"]), world).engines[0]
+    return training_memory_plan(load_config(None, [*overrides, f"deepspeed.config={stage}"]), world).engines[
+        0
+    ]
 
 
 @pytest.mark.parametrize("size", ["tiny", "pythia-6.9b"])
@@ -222,7 +227,7 @@ def test_model_states_are_the_bytes_zero2_and_zero3_ranks_hold(tmp_path, monkeyp
 
     make_tiny_causal_lm(tmp_path / "actor", "llama", n_layer=3)
     for stage in ("zero2", "zero3"):
-        actor = memory_plan(load_config(None, overrides(tmp_path, stage)), 2).engines[0]
+        actor = training_memory_plan(load_config(None, overrides(tmp_path, stage)), 2).engines[0]
         planned = {
             "params": actor.params,
             "grads": actor.grads,

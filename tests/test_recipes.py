@@ -7,11 +7,12 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
+from vbon_ds.algorithms.registry import training_memory_plan as memory_plan
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import load_config
 from vbon_ds.data.refcache import refcache_dir
 from vbon_ds.data.refcache_fingerprint import fingerprint_from_config
-from vbon_ds.engines.memory_plan import format_plan, memory_plan
+from vbon_ds.engines.memory_plan import format_plan
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 RECIPES = sorted(p for p in LAUNCH.glob("*.yaml") if not p.name.startswith("sweep_"))  # sweeps: test_cli

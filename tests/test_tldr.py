@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vbon_ds.algorithms.offline import ReferenceLogProbs, offline_experience
+from vbon_ds.algorithms.offline import ReferenceLogProbs
+from vbon_ds.algorithms.onpolicy import TrainingInputs
+from vbon_ds.algorithms.registry import ALGORITHMS
 from vbon_ds.algorithms.rollout import encode_prompts, sample_and_score
 from vbon_ds.batching import batch_sizes
 from vbon_ds.config import DataConfig, load_config
@@ -319,9 +321,8 @@ def test_offline_rows_hold_the_prompt_the_cache_was_sampled_with(gpt2_tokenizer,
     record = RefRecord("p0", query, [0.0, 1.0], [answer, answer], ["x", "y"])
     cache = SimpleNamespace(record=lambda prompt_id: record)
     prompts = PromptSet("train", ["p0"], [query])
-    exp = offline_experience(
-        engines, cfg, prompts, cache, [0], torch.Generator().manual_seed(0), ReferenceLogProbs()
-    )
+    inputs = TrainingInputs(engines, cfg, prompts, cache, ReferenceLogProbs(), beta=0.0)
+    exp = ALGORITHMS[algo].experience(inputs, [0], torch.Generator().manual_seed(0))
     for role, batch in exp.batches.items():
         width = batch.prompt_length
         rows = zip(batch.sequences[:, :width], batch.attention_mask[:, :width], strict=True)

@@ -82,9 +82,10 @@ def _card_size(text: str) -> float:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from vbon_ds.engines.memory_plan import format_plan, memory_plan
+    from vbon_ds.algorithms.registry import training_memory_plan
+    from vbon_ds.engines.memory_plan import format_plan
 
-    plan = memory_plan(load_config(args.config, args.overrides), args.world_size)
+    plan = training_memory_plan(load_config(args.config, args.overrides), args.world_size)
     print(format_plan(plan, args.gpu_memory_gb))
     return 0 if plan.fits(args.gpu_memory_gb) else PLAN_DOES_NOT_FIT
 

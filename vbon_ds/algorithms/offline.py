@@ -9,27 +9,16 @@ in checkpoints, so a resumed run sees the very same numbers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from vbon_ds.algorithms.onpolicy import (
-    Experience,
-    MicroStep,
-    answer_batch,
-    backward_and_step,
-    policy_logprobs,
-)
+from vbon_ds.algorithms.onpolicy import Experience, Loss, TrainingInputs, answer_batch, policy_logprobs
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.core import losses
-from vbon_ds.data.prompts import PromptSet
-from vbon_ds.data.refcache import RefCache
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import Engines
-
-OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
-PAIR_ALGOS = ("dpo", "ipo", "bonbon")
 
 AnswerKey = tuple[str, int]
 """(prompt id, index of the answer among the prompt's M cached answers in draw order)."""
@@ -110,28 +99,26 @@ class ReferenceLogProbs:
         self.values = {(prompt_id, int(index)): float(value) for prompt_id, index, value in triples}
 
 
+PAIR_ROLES = ("chosen", "rejected")
+"""The answers a pair loss trains on: the best and the worst of each N-subset."""
+
+
 @torch.no_grad()
-def offline_experience(
-    engines: Engines,
-    cfg: ExperimentConfig,
-    prompts: PromptSet,
-    cache: RefCache,
-    prompt_index: list[int],
-    generator: torch.Generator,
-    reference_logps: ReferenceLogProbs,
+def cached_experience(
+    inputs: TrainingInputs, prompt_index: list[int], generator: torch.Generator, roles: Sequence[str]
 ) -> Experience:
-    """Pairs of cached answers to this rank's prompts, their token rows and reference log-probs."""
+    """Pairs of cached answers to this rank's prompts, their token rows and reference log-probs, for the
+    `roles` the loss trains on ("chosen" alone, or PAIR_ROLES)."""
+    cfg, engines, reference_logps = inputs.cfg, inputs.engines, inputs.reference_logps
     index = [i for i in prompt_index for _ in range(cfg.algo.subsets_per_prompt)]
-    records = [cache.record(prompts.ids[i]) for i in index]
+    records = [inputs.cache.record(inputs.prompts.ids[i]) for i in index]
     pairs = choose_pairs([r.rewards for r in records], index, cfg.vbon.n, generator)
-    prompt_texts = [prompts.texts[i] for i in index]
-    roles = {"chosen": [p.chosen for p in pairs]}
-    if cfg.algo.name in PAIR_ALGOS:
-        roles["rejected"] = [p.rejected for p in pairs]
+    prompt_texts = [inputs.prompts.texts[i] for i in index]
+    answers = {"chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs]}
     batches, tensors = {}, {}
-    for role, answer in roles.items():
-        ids = [record.token_ids[a] for record, a in zip(records, answer, strict=True)]
-        keys = [(record.prompt_id, a) for record, a in zip(records, answer, strict=True)]
+    for role in roles:
+        ids = [record.token_ids[a] for record, a in zip(records, answers[role], strict=True)]
+        keys = [(record.prompt_id, a) for record, a in zip(records, answers[role], strict=True)]
         batches[role] = answer_batch(engines.tokenizer, prompt_texts, ids, cfg.data.max_prompt_tokens)
         tensors[f"ref_{role}"] = reference_logps.lookup(engines, cfg, keys, prompt_texts, ids).to(
             batches[role].sequences.device
@@ -144,47 +131,85 @@ def offline_experience(
     return Experience(batches, tensors, stats)
 
 
+def best_answer_experience(
+    inputs: TrainingInputs, prompt_index: list[int], generator: torch.Generator
+) -> Experience:
+    """The best of each N-subset of cached answers (BoN-SFT)."""
+    return cached_experience(inputs, prompt_index, generator, ("chosen",))
+
+
+def pair_experience(
+    inputs: TrainingInputs, prompt_index: list[int], generator: torch.Generator
+) -> Experience:
+    """The best and the worst of each N-subset of cached answers (the pair losses)."""
+    return cached_experience(inputs, prompt_index, generator, PAIR_ROLES)
+
+
+# ---------------------------------------------------------------- losses
+
+
 def ipo_beta(cfg: ExperimentConfig) -> float:
     """algo.ipo_beta, or BoNBoN's coefficient for best-vs-worst of N pairs when it is null."""
     return cfg.algo.ipo_beta if cfg.algo.ipo_beta is not None else losses.ipo_target_beta(cfg.vbon.n)
 
 
-def offline_micro_step(engines: Engines, cfg: ExperimentConfig) -> MicroStep:
-    """The loss of algo.name on a micro-batch of pairs (or best answers), backward and step on the actor."""
-    algo, temperature = cfg.algo, cfg.generation.temperature
+def _sequence_logp(
+    engines: Engines, cfg: ExperimentConfig, rows: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actor's per-token [B, R] and per-answer [B] log-probs of `rows` (a TokenBatch)."""
+    token_logp = engines.actor.response_logprobs(
+        rows.sequences, rows.attention_mask, rows.prompt_length, cfg.generation.temperature
+    )
+    return token_logp, losses.masked_sum(token_logp, rows.response_mask, dim=1)
 
-    def sequence_logp(role: str, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = micro.batches[role]
-        token_logp = engines.actor.response_logprobs(
-            rows.sequences, rows.attention_mask, rows.prompt_length, temperature
-        )
-        return token_logp, losses.masked_sum(token_logp, rows.response_mask, dim=1)
 
-    def step(micro: Experience) -> tuple[dict[str, float], bool]:
-        chosen_tokens, chosen = sequence_logp("chosen", micro)
-        ref_chosen = micro.tensors["ref_chosen"]
-        chosen_mask = micro.batches["chosen"].response_mask
-        stats = {
-            "train/chosen_nll": losses.masked_mean(-chosen_tokens.detach(), chosen_mask).item(),
-            "train/chosen_log_ratio": (chosen.detach() - ref_chosen).mean().item(),
-        }
-        if algo.name == "bon_sft":
-            loss = losses.sft_nll(chosen_tokens, chosen_mask, cfg.generation.max_new_tokens)
-        else:
-            _, rejected = sequence_logp("rejected", micro)
-            ref_rejected = micro.tensors["ref_rejected"]
-            pair = (chosen, rejected, ref_chosen, ref_rejected)
-            if algo.name == "dpo":
-                loss = losses.dpo_loss(*pair, algo.dpo_beta)
-            elif algo.name == "ipo":
-                loss = losses.ipo_loss(*pair, ipo_beta(cfg))
-            else:
-                loss = losses.bonbon_loss(*pair, algo.bonbon_alpha, ipo_beta(cfg))
-            margin = losses.pair_margin(*(t.detach() for t in pair))
-            stats["train/reward_margin"] = margin.mean().item()
-            stats["train/reward_accuracy"] = (margin > 0).float().mean().item()
-        ok = backward_and_step(engines.actor, loss, chosen_tokens)
-        stats["train/loss"] = loss.item()
-        return stats, ok
+def _chosen_stats(chosen_tokens: torch.Tensor, chosen: torch.Tensor, micro: Experience) -> dict[str, float]:
+    mask = micro.batches["chosen"].response_mask
+    return {
+        "train/chosen_nll": losses.masked_mean(-chosen_tokens.detach(), mask).item(),
+        "train/chosen_log_ratio": (chosen.detach() - micro.tensors["ref_chosen"]).mean().item(),
+    }
 
-    return step
+
+def bon_sft_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
+    """BoN-SFT: the negative log-likelihood of the best answers (losses.sft_nll)."""
+    chosen_tokens, chosen = _sequence_logp(engines, cfg, micro.batches["chosen"])
+    stats = _chosen_stats(chosen_tokens, chosen, micro)
+    loss = losses.sft_nll(chosen_tokens, micro.batches["chosen"].response_mask, cfg.generation.max_new_tokens)
+    stats["train/loss"] = loss.item()
+    return Loss(loss, stats, chosen_tokens)
+
+
+PairFormula = Callable[[ExperimentConfig, tuple[torch.Tensor, ...]], torch.Tensor]
+"""(cfg, (chosen, rejected, ref_chosen, ref_rejected) sequence log-probs) -> the pair loss."""
+
+
+def _pair_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience, formula: PairFormula) -> Loss:
+    """A loss on (best, worst) pairs, with the implicit reward margin and accuracy as stats."""
+    chosen_tokens, chosen = _sequence_logp(engines, cfg, micro.batches["chosen"])
+    stats = _chosen_stats(chosen_tokens, chosen, micro)
+    _, rejected = _sequence_logp(engines, cfg, micro.batches["rejected"])
+    pair = (chosen, rejected, micro.tensors["ref_chosen"], micro.tensors["ref_rejected"])
+    loss = formula(cfg, pair)
+    margin = losses.pair_margin(*(t.detach() for t in pair))
+    stats["train/reward_margin"] = margin.mean().item()
+    stats["train/reward_accuracy"] = (margin > 0).float().mean().item()
+    stats["train/loss"] = loss.item()
+    return Loss(loss, stats, chosen_tokens)
+
+
+def dpo_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
+    """DPO with algo.dpo_beta (losses.dpo_loss)."""
+    return _pair_loss(engines, cfg, micro, lambda c, pair: losses.dpo_loss(*pair, c.algo.dpo_beta))
+
+
+def ipo_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
+    """IPO with `ipo_beta` (losses.ipo_loss)."""
+    return _pair_loss(engines, cfg, micro, lambda c, pair: losses.ipo_loss(*pair, ipo_beta(c)))
+
+
+def bonbon_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
+    """BoNBoN: algo.bonbon_alpha x SFT + (1 - alpha) x IPO with `ipo_beta` (losses.bonbon_loss)."""
+    return _pair_loss(
+        engines, cfg, micro, lambda c, pair: losses.bonbon_loss(*pair, c.algo.bonbon_alpha, ipo_beta(c))
+    )

@@ -1,24 +1,32 @@
-"""The phases of a training step as plain functions of their inputs: rollout, score, logprobs, advantages,
-update. Engines are used only through their methods (generate, response_logprobs, values, backward, step),
-so tests drive every phase with small fake engines and no DeepSpeed. The step itself is in train.py.
+"""On-policy experience as plain functions of their inputs: rollout, score, logprobs, advantages; and the
+losses of the on-policy algorithms (the clipped policy gradient, PPO's value loss). Engines are used only
+through their methods (generate, response_logprobs, values), so tests drive every phase with small fake
+engines and no DeepSpeed. Which algorithm uses what: registry.py; the update that runs the losses: step.py.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vbon_ds.algorithms import objective
+from vbon_ds.algorithms.objective import objective_reward
 from vbon_ds.algorithms.rollout import ScoredRollout, encode_prompts, sample_and_score
-from vbon_ds.batching import BatchSizes
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.core import bon, losses
+from vbon_ds.core import losses
+from vbon_ds.data.prompts import PromptSet
+from vbon_ds.data.refcache import RefCache
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import Engines
 from vbon_ds.engines.policy import Rollout
+
+if TYPE_CHECKING:  # offline.py imports this module
+    from vbon_ds.algorithms.offline import ReferenceLogProbs
 
 
 @dataclass
@@ -75,6 +83,21 @@ def answer_batch(
 
 
 @dataclass
+class TrainingInputs:
+    """What every algorithm's experience function reads besides the step's prompts and generator."""
+
+    engines: Engines
+    cfg: ExperimentConfig
+    prompts: PromptSet
+    cache: RefCache | None
+    """The reference cache (None: a kl_rl run without one)."""
+    reference_logps: ReferenceLogProbs
+    """The offline algorithms' reference log-probs of cached answers, computed once each."""
+    beta: float
+    """The KL coefficient of the on-policy objective (objective.objective_beta)."""
+
+
+@dataclass
 class Experience:
     """What the update trains on: token rows by role ("answers" for RL, "chosen"/"rejected" for pairs) and
     per-item tensors, [B] per item or [B, R] per token of the first role's answers."""
@@ -82,6 +105,8 @@ class Experience:
     batches: dict[str, TokenBatch]
     tensors: dict[str, torch.Tensor]
     stats: dict[str, float] = field(default_factory=dict)
+    samples: list[tuple[str, str, float]] = field(default_factory=list)
+    """A few (prompt, answer, reward) triples to show in TensorBoard (on-policy only)."""
 
     def __len__(self) -> int:
         return len(next(iter(self.batches.values())))
@@ -138,23 +163,6 @@ class Scores:
     """log F_hat(r) against the cached reference rewards; None when the run has no cache (kl_rl)."""
 
 
-def objective_reward(
-    cfg: ExperimentConfig,
-    rewards: torch.Tensor,
-    sorted_ref_rewards: torch.Tensor | None,
-    ended_with_eos: torch.Tensor,
-) -> torch.Tensor:
-    """The scalar each answer is credited with: raw r (kl_rl, reward.missing_eos_score already in it) or a
-    vBoN reward from the cached rewards (with missing_eos_score set, cut-off answers get the lowest one)."""
-    if cfg.vbon.objective == "kl_rl":
-        return rewards
-    estimator = "bound" if cfg.vbon.objective == "vbon" else "exact"
-    cut_off = ended_with_eos if cfg.reward.missing_eos_score is not None else None
-    return bon.vbon_reward(
-        rewards, sorted_ref_rewards, cfg.vbon.n, estimator, ended_with_eos=cut_off, presorted=True
-    )
-
-
 def score(
     cfg: ExperimentConfig,
     rewards: torch.Tensor,
@@ -171,15 +179,9 @@ def score(
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise NonFiniteReward(f"reward is not finite for {', '.join(bad[:5])}{more}")
-    objective = objective_reward(cfg, rewards, sorted_ref_rewards, ended_with_eos)
-    if sorted_ref_rewards is None:
-        log_f = None
-    elif cfg.vbon.objective == "vbon":
-        log_f = objective
-    else:
-        cut_off = ended_with_eos if cfg.reward.missing_eos_score is not None else None
-        log_f = bon.log_cdf_of_answers(rewards, sorted_ref_rewards, cut_off, presorted=True)
-    return Scores(rewards, objective, log_f)
+    credited = objective_reward(cfg, rewards, sorted_ref_rewards, ended_with_eos)
+    log_f = objective.log_f(cfg, rewards, sorted_ref_rewards, ended_with_eos, credited)
+    return Scores(rewards, credited, log_f)
 
 
 # ---------------------------------------------------------------- logprobs and advantages
@@ -248,24 +250,46 @@ def logprobs(
     return LogProbs(actor, reference, entropy, values)
 
 
+AdvantageEstimator = Callable[
+    [ExperimentConfig, float, torch.Tensor, Scores, LogProbs, torch.Tensor], dict[str, torch.Tensor]
+]
+"""(cfg, beta, per-token KL [B, R], scores, log-probs, response mask) -> the tensors the update trains on."""
+
+
+def gae_advantages(
+    cfg: ExperimentConfig, beta: float, kl: torch.Tensor, scores: Scores, logps: LogProbs, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """PPO: per-token GAE advantages and returns against the critic's values (losses.ppo_advantages)."""
+    advantage, returns = losses.ppo_advantages(
+        scores.objective_rewards, kl, logps.values, mask, beta,
+        cfg.algo.gamma, cfg.algo.lam, cfg.algo.whiten_advantages,
+    )  # fmt: skip
+    return {"advantages": advantage, "returns": returns, "values": logps.values}
+
+
+def leave_one_out_advantages(
+    cfg: ExperimentConfig, beta: float, kl: torch.Tensor, scores: Scores, logps: LogProbs, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """RLOO: one advantage per answer against the mean of its prompt's other K - 1 answers
+    (losses.rloo_advantages), the same at every token."""
+    per_answer = losses.rloo_advantages(
+        scores.objective_rewards, kl, mask, beta, cfg.algo.samples_per_prompt, cfg.algo.whiten_advantages
+    )
+    return {"advantages": per_answer.unsqueeze(1) * mask}
+
+
 def advantages(
-    cfg: ExperimentConfig, beta: float, batch: TokenBatch, scores: Scores, logps: LogProbs
+    cfg: ExperimentConfig,
+    beta: float,
+    batch: TokenBatch,
+    scores: Scores,
+    logps: LogProbs,
+    estimator: AdvantageEstimator,
 ) -> Experience:
-    """The algorithm's advantages (losses.ppo_advantages or losses.rloo_advantages) and the step's stats."""
+    """The experience of scored answers: the estimator's advantages (KL shaping inside) and the stats."""
     mask = batch.response_mask
     kl = losses.kl_penalty(logps.actor, logps.reference)
-    tensors = {"logprobs": logps.actor}
-    if cfg.algo.name == "ppo":
-        tensors["advantages"], tensors["returns"] = losses.ppo_advantages(
-            scores.objective_rewards, kl, logps.values, mask, beta,
-            cfg.algo.gamma, cfg.algo.lam, cfg.algo.whiten_advantages,
-        )  # fmt: skip
-        tensors["values"] = logps.values
-    else:
-        per_answer = losses.rloo_advantages(
-            scores.objective_rewards, kl, mask, beta, cfg.algo.samples_per_prompt, cfg.algo.whiten_advantages
-        )
-        tensors["advantages"] = per_answer.unsqueeze(1) * mask  # the same advantage at every token
+    tensors = {"logprobs": logps.actor, **estimator(cfg, beta, kl, scores, logps, mask)}
     stats = {
         "train/reward": scores.rewards.mean().item(),
         "train/objective_reward": scores.objective_rewards.mean().item(),
@@ -278,96 +302,105 @@ def advantages(
     return Experience({"answers": batch}, tensors, stats)
 
 
-# ---------------------------------------------------------------- update
+# ---------------------------------------------------------------- experience of a step
+
+SHOWN_SAMPLES = 4
+"""(prompt, answer, reward) triples of a step that TensorBoard shows."""
 
 
-MicroStep = Callable[[Experience], tuple[dict[str, float], bool]]
-"""One forward/backward on a micro-batch: (stats, whether the loss was finite on every rank)."""
+def rollout_experience(
+    inputs: TrainingInputs, prompt_index: list[int], estimator: AdvantageEstimator
+) -> Experience:
+    """rollout -> score -> logprobs -> advantages for this rank's prompts, K answers each (raises
+    NonFiniteReward)."""
+    cfg, engines = inputs.cfg, inputs.engines
+    index = [i for i in prompt_index for _ in range(cfg.algo.samples_per_prompt)]
+    prompts = [inputs.prompts.texts[i] for i in index]
+    t0 = time.perf_counter()
+    sampled = rollout(engines, cfg, prompts)
+    t_rollout = time.perf_counter() - t0
+    names = [f"prompt {i} ({inputs.prompts.ids[i]!r})" for i in index]
+    batch = TokenBatch.of(sampled.rollout)
+    rewards = sampled.rewards.to(batch.sequences.device)
+    ended_with_eos = sampled.rollout.ended_with_eos
+    scores = score(cfg, rewards, sorted_ref_rewards(inputs, index), names, ended_with_eos)
+    logps = logprobs(engines, cfg, batch, sampled.rollout)
+    exp = advantages(cfg, inputs.beta, batch, scores, logps, estimator)
+    exp.stats["train/eos_fraction"] = ended_with_eos.float().mean().item()
+    exp.stats["time/rollout"] = t_rollout
+    exp.stats["time/logprobs"] = time.perf_counter() - t0 - t_rollout
+    shown = slice(0, SHOWN_SAMPLES)
+    exp.samples = list(
+        zip(prompts[shown], sampled.responses[shown], scores.rewards[shown].tolist(), strict=True)
+    )
+    return exp
 
 
-def update(
-    exp: Experience,
-    sizes: BatchSizes,
-    epochs: int,
-    generator: torch.Generator,
-    micro_step: MicroStep,
-) -> dict[str, float]:
-    """`epochs` passes over the experience in a random order, each split into minibatches (one optimizer step
-    each) of micro-batches (one forward/backward each); returns the mean of each stat and the number of
-    micro-batches whose loss was not finite (their gradient was zeroed)."""
-    per_rank_minibatch = sizes.minibatch_samples // sizes.world_size
-    totals: dict[str, list[float]] = {}
-    skipped = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(exp), generator=generator)
-        for mb_start in range(0, order.numel(), per_rank_minibatch):
-            minibatch = order[mb_start : mb_start + per_rank_minibatch]
-            for mu_start in range(0, minibatch.numel(), sizes.micro_batch_per_rank):
-                index = minibatch[mu_start : mu_start + sizes.micro_batch_per_rank]
-                stats, ok = micro_step(exp.micro_batch(index))
-                skipped += not ok
-                for key, value in stats.items():
-                    totals.setdefault(key, []).append(value)
-    out = {key: float(np.mean(values)) for key, values in totals.items()}
-    out["train/skipped_micro_batches"] = float(skipped)
-    return out
+def sorted_ref_rewards(inputs: TrainingInputs, index: list[int]) -> torch.Tensor | None:
+    """The cached reference rewards of each answer's prompt, [B, M] ascending (None without a cache)."""
+    if inputs.cache is None:
+        return None
+    return inputs.cache.rewards_for([inputs.prompts.ids[i] for i in index]).to(distributed.device())
 
 
-def all_finite(value: torch.Tensor) -> bool:
-    """Whether `value` is finite on every rank (a collective)."""
-    return not any_rank(not bool(torch.isfinite(value).all()))
+def ppo_experience(inputs: TrainingInputs, prompt_index: list[int], generator: torch.Generator) -> Experience:
+    """Rollouts with GAE advantages against the critic (`generator` unused: sampling draws from the
+    ranks' own RNG streams)."""
+    return rollout_experience(inputs, prompt_index, gae_advantages)
 
 
-def any_rank(flag: bool) -> bool:
-    return distributed.all_reduce_max(int(flag)) > 0
+def rloo_experience(
+    inputs: TrainingInputs, prompt_index: list[int], generator: torch.Generator
+) -> Experience:
+    """Rollouts with leave-one-out advantages (`generator` unused, as for ppo_experience)."""
+    return rollout_experience(inputs, prompt_index, leave_one_out_advantages)
 
 
-def backward_and_step(engine: object, loss: torch.Tensor, like: torch.Tensor) -> bool:
-    """Backward and (at an accumulation boundary) optimizer step; False when the loss was not finite on some
-    rank. Every rank must take part in backward/step (ZeRO collectives): a bad loss becomes a zero gradient
-    through `like`, a tensor of the same graph."""
-    ok = all_finite(loss)
-    engine.backward(loss if ok else 0.0 * like.nan_to_num().sum())
-    engine.step()
-    return ok
+# ---------------------------------------------------------------- losses
 
 
-def ppo_micro_step(engines: Engines, cfg: ExperimentConfig) -> MicroStep:
-    """The clipped policy-gradient step on the actor (and the clipped value step on the critic, PPO)."""
+class Loss(NamedTuple):
+    """One engine's loss on a micro-batch, as the update (step.py) runs it."""
 
-    def step(micro: Experience) -> tuple[dict[str, float], bool]:
-        rows, t = micro.batches["answers"], micro.tensors
-        new_logp = engines.actor.response_logprobs(
-            rows.sequences, rows.attention_mask, rows.prompt_length, cfg.generation.temperature
-        )
-        loss, pg_stats = losses.ppo_policy_loss(
-            new_logp,
-            t["logprobs"],
-            t["advantages"],
-            rows.response_mask,
-            cfg.algo.clip_range,
-            cfg.generation.max_new_tokens,
-        )
-        ok = backward_and_step(engines.actor, loss, new_logp)
-        stats = {
-            "train/loss": loss.item(),
-            "train/clip_frac": pg_stats["clip_frac"].item(),
-            "train/approx_kl": pg_stats["approx_kl"].item(),
-        }
-        if engines.critic is not None:
-            values = engines.critic.values(rows.sequences, rows.attention_mask, rows.prompt_length)
-            v_loss, v_stats = losses.value_loss(
-                values, t["values"], t["returns"], rows.response_mask, cfg.algo.value_clip_range
-            )
-            ok = backward_and_step(engines.critic, v_loss, values) and ok
-            stats["train/value_loss"] = v_loss.item()
-            stats["train/vf_clip_frac"] = v_stats["vf_clip_frac"].item()
-        return stats, ok
-
-    return step
+    loss: torch.Tensor
+    stats: dict[str, float]
+    graph: torch.Tensor
+    """A tensor of the loss's graph before anything that can turn non-finite (the engine's forward
+    output): a non-finite loss is replaced by 0 * graph, a zero gradient that still runs every collective."""
 
 
-def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
-    """Each stat averaged over the ranks (every rank must call it with the same keys)."""
-    gathered = distributed.all_gather_object(stats)
-    return {key: float(np.mean([g[key] for g in gathered])) for key in stats}
+LossFn = Callable[[Engines, ExperimentConfig, Experience], Loss]
+"""An algorithm's loss of one engine on a micro-batch: forward, loss and its stats; no backward."""
+
+
+def policy_gradient_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
+    """The clipped policy-gradient surrogate on the actor (PPO and RLOO)."""
+    rows, t = micro.batches["answers"], micro.tensors
+    new_logp = engines.actor.response_logprobs(
+        rows.sequences, rows.attention_mask, rows.prompt_length, cfg.generation.temperature
+    )
+    loss, pg_stats = losses.ppo_policy_loss(
+        new_logp,
+        t["logprobs"],
+        t["advantages"],
+        rows.response_mask,
+        cfg.algo.clip_range,
+        cfg.generation.max_new_tokens,
+    )
+    stats = {
+        "train/loss": loss.item(),
+        "train/clip_frac": pg_stats["clip_frac"].item(),
+        "train/approx_kl": pg_stats["approx_kl"].item(),
+    }
+    return Loss(loss, stats, new_logp)
+
+
+def value_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
+    """PPO's clipped value loss on the critic (the critic has its own optimizer: no scale to set)."""
+    rows, t = micro.batches["answers"], micro.tensors
+    values = engines.critic.values(rows.sequences, rows.attention_mask, rows.prompt_length)
+    loss, v_stats = losses.value_loss(
+        values, t["values"], t["returns"], rows.response_mask, cfg.algo.value_clip_range
+    )
+    stats = {"train/value_loss": loss.item(), "train/vf_clip_frac": v_stats["vf_clip_frac"].item()}
+    return Loss(loss, stats, values)

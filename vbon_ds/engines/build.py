@@ -1,18 +1,19 @@
 """One function builds the engines of every job; each job asks for only what it uses.
 
-    train (RL)       actor, reference, reward scorer, critic (PPO)
-    train (offline)  actor, reference (DPO, IPO, BoNBoN, and the log-ratio stat of BoN-SFT)
+    train (RL)       actor, reference, reward scorer, critic (an algorithm with a critic loss)
+    train (offline)  actor, reference (the reference log-probs of cached answers)
     evaluate         actor, reference, reward scorer: frozen, no optimizer
     refcache         reference, reward scorer
 
-`training_needs` decides which engines `vbon train` builds for algo.name; `vbon plan` sizes the same set.
+`vbon train` asks for the engines the algorithm registry names for algo.name
+(vbon_ds.algorithms.registry, `Algorithm.needs`); `vbon plan` sizes the same set.
 Frozen-only jobs size their DeepSpeed configs with `inference_batch_sizes`, so they work at any world size
 whatever the training batch fields say.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -58,21 +59,6 @@ class EngineNeeds:
     reference: bool = False
     scorer: bool = False
     critic: bool = False
-
-
-def training_needs(cfg: ExperimentConfig) -> EngineNeeds:
-    """The engines `vbon train` builds: a trainable actor and the reference (also BoN-SFT's log-ratio
-    statistic); the reward scorer only on-policy (offline baselines read scored answers from the cache);
-    the critic only for PPO."""
-    from vbon_ds.algorithms.offline import OFFLINE_ALGOS  # offline.py imports this module
-
-    on_policy = cfg.algo.name not in OFFLINE_ALGOS
-    return EngineNeeds(actor="train", reference=True, scorer=on_policy, critic=cfg.algo.name == "ppo")
-
-
-def build_training_engines(cfg: ExperimentConfig) -> Engines:
-    """The engines of `vbon train` for cfg.algo.name (`training_needs`)."""
-    return build_engines(cfg, **asdict(training_needs(cfg)))
 
 
 def build_engines(

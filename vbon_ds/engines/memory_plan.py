@@ -1,12 +1,12 @@
 """`vbon plan`: memory per GPU of each engine of a training run, before renting GPUs (no DeepSpeed import).
 
-    plan = memory_plan(cfg, world_size=8)   # raises the batch-arithmetic ConfigError when W does not fit
+    plan = memory_plan(cfg, 8, needs, rollout=True, pair_graphs=False)  # ConfigError: W does not fit
     print(format_plan(plan, gpu_memory_gb=80))
 
-The engines are the ones `vbon train` builds for algo.name, decided by the same function
-(vbon_ds.engines.build.training_needs; the one import from the pipelines layer): ppo = actor, reference,
-reward, critic; rloo = actor, reference, reward; the offline baselines (bon_sft, dpo, ipo, bonbon) = actor and
-reference, with no rollout and no scoring phase (their answers and rewards come from the reference cache).
+The caller says which engines and phases the run has: `vbon plan` asks the algorithm registry
+(vbon_ds.algorithms.registry.training_memory_plan), so the plan sizes what `vbon train` builds for algo.name:
+e.g. the offline baselines have an actor and a reference, no rollout and no scoring phase (their answers
+and rewards come from the reference cache).
 
 Model shapes come from the checkpoints' configs (AutoConfig: no weights are loaded; a hub id needs the
 network) and, when the hub is unreachable, from a built-in table of the Pythia configs the TL;DR recipes use.
@@ -30,7 +30,7 @@ Per engine and GPU, in the run's dtype (bfloat16 under model.dtype=auto on a GPU
   34 s b h bytes per layer at 16 bits (Korthikanti et al. 2022, with SDPA attention keeping no s x s scores)
   for each layer backward reaches (the top model.trainable_layers only when the layers below are frozen);
   with gradient checkpointing, each such layer's input (2 s b h bytes) plus one layer recomputed. The pair
-  losses (dpo, ipo, bonbon) hold two graphs, chosen and rejected, until their backward. Frozen engines: one
+  losses (pair_graphs) hold two graphs, chosen and rejected, until their backward. Frozen engines: one
   layer's forward at their batch (micro-batch; reward.batch_size for the reward model).
 - generation (on-policy algorithms): the KV cache of generation.batch_size sequences, and under ZeRO-3 with
   generation.gather_params the whole actor gathered for the call.
@@ -59,10 +59,9 @@ from transformers import (
     PretrainedConfig,
 )
 
-from vbon_ds.algorithms.offline import OFFLINE_ALGOS, PAIR_ALGOS
 from vbon_ds.batching import BatchSizes, batch_sizes
 from vbon_ds.config import ExperimentConfig, ModelConfig
-from vbon_ds.engines.build import training_needs
+from vbon_ds.engines.build import EngineNeeds
 from vbon_ds.engines.ds_config import fill_ds_config, load_ds_template, precision
 from vbon_ds.errors import VbonError
 from vbon_ds.models.adapters import apply_trainable_subset, decoder_blocks
@@ -159,7 +158,7 @@ class MemoryPlan:
     engines: list[EngineMemory]
     notes: list[str]
     on_policy: bool
-    """Whether a step samples rollouts (ppo, rloo) rather than reading cached answers (offline baselines)."""
+    """Whether a step samples rollouts (on-policy) rather than reading cached answers (offline baselines)."""
 
     @property
     def resident(self) -> float:
@@ -350,14 +349,16 @@ def _engine_ds(cfg: ExperimentConfig, sizes: BatchSizes, shape: ModelShape, trai
     )
 
 
-def memory_plan(cfg: ExperimentConfig, world_size: int) -> MemoryPlan:
-    """Per-GPU memory of every engine of `vbon train` at `world_size` ranks (ConfigError: batch sizes)."""
+def memory_plan(
+    cfg: ExperimentConfig, world_size: int, needs: EngineNeeds, *, rollout: bool, pair_graphs: bool
+) -> MemoryPlan:
+    """Per-GPU memory of the engines `needs` names (a trainable actor) at `world_size` ranks, with a rollout
+    phase when `rollout` and two forward graphs in the actor's backward when `pair_graphs` (ConfigError:
+    batch sizes)."""
     sizes = batch_sizes(cfg, world_size)
     dtype = precision(cfg, on_gpu=True, bf16_supported=True)
     nbytes = DTYPE_BYTES[dtype]
     seq = cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens
-    needs = training_needs(cfg)  # the engines `vbon train` builds for this algorithm
-    on_policy = cfg.algo.name not in OFFLINE_ALGOS
 
     def trainable(name: str, shape: ModelShape, graphs: int = 1) -> EngineMemory:
         ds = _engine_ds(cfg, sizes, shape, trainable=True)
@@ -371,9 +372,9 @@ def memory_plan(cfg: ExperimentConfig, world_size: int) -> MemoryPlan:
     actor = trainable(
         "actor",
         model_shape(cfg, cfg.model.actor, "causal", lora=lora),
-        graphs=2 if cfg.algo.name in PAIR_ALGOS else 1,
+        graphs=2 if pair_graphs else 1,
     )
-    if on_policy:
+    if rollout:
         actor.generation = _generation(actor, cfg, seq, nbytes)
     engines, notes = [actor], []
     if needs.critic:
@@ -394,7 +395,7 @@ def memory_plan(cfg: ExperimentConfig, world_size: int) -> MemoryPlan:
         engines.append(frozen("reward", rm_shape, cfg.reward.batch_size))
     for source in sorted({e.shape.source for e in engines} - {"config"}):
         notes.append(f"model shapes from the {source}")
-    return MemoryPlan(world_size, sizes, dtype, engines, notes, on_policy)
+    return MemoryPlan(world_size, sizes, dtype, engines, notes, rollout)
 
 
 def _generation(actor: EngineMemory, cfg: ExperimentConfig, seq: int, nbytes: int) -> float:

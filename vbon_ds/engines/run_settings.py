@@ -13,7 +13,8 @@ these leave unchanged):
     model.trainable_layers             which parameters the optimizer state covers
     model.dtype                        as resolved on this machine: the optimizer keeps another state layout
                                        per precision
-    critic                             PPO saves a critic engine, its trunk chosen by model.critic_init
+    critic                             an algorithm with a critic (PPO) saves a critic engine, its trunk
+                                       chosen by model.critic_init
     world size                         ZeRO partitions the optimizer state (and at stage 3 the weights) over
                                        the ranks that wrote it, and DeepSpeed cannot re-split them; the
                                        nodes x GPUs per node may differ, their product may not
@@ -55,23 +56,23 @@ def model_content_id(path: str, gguf_file: str = "") -> str | None:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _critic(cfg: ExperimentConfig) -> str:
-    return f"from the {cfg.model.critic_init}" if cfg.algo.name == "ppo" else "none"
+def _critic(cfg: ExperimentConfig, critic: bool) -> str:
+    return f"from the {cfg.model.critic_init}" if critic else "none"
 
 
 def _from_model_section(model: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     return {f"model.{name}": model[name] for name in fields if name in model}
 
 
-def weights_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+def weights_settings(cfg: ExperimentConfig, critic: bool) -> dict[str, Any]:
     """The settings that decide what the weights saved by a run of `cfg` on this machine mean (see the
-    module docstring)."""
+    module docstring); `critic`: whether cfg.algo.name trains a critic (the algorithm registry's needs)."""
     model = vars(cfg.model)
     return {
         **_from_model_section(model, _CONFIG_FIELDS + _LAYOUT_CONFIG_FIELDS),
         CONTENT: model_content_id(cfg.model.actor, cfg.model.gguf_file),
         "model.dtype": precision(cfg, *accelerator_support()),  # auto resolved as the engines do
-        CRITIC: _critic(cfg),
+        CRITIC: _critic(cfg, critic),
         WORLD: distributed.world_size(),
     }
 

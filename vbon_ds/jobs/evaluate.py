@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from vbon_ds.algorithms.onpolicy import TokenBatch, policy_logprobs
+from vbon_ds.algorithms.registry import algorithm_of, run_label
 from vbon_ds.algorithms.rollout import ScoredRollout, sample_and_score, shard_evenly
 from vbon_ds.config import ConfigError, ExperimentConfig
 from vbon_ds.core import bon
@@ -58,8 +59,6 @@ from vbon_ds.jobs.report import (
     share_of_bon_gain,
     write_report,
 )
-
-OFFLINE_ALGOS = ("bon_sft", "dpo", "ipo", "bonbon")
 
 
 @dataclass(frozen=True)
@@ -98,16 +97,7 @@ def _stat(row: dict[str, Any], name: str, values: torch.Tensor | None) -> None:
 def run_setting(cfg_dict: dict[str, Any]) -> str:
     """A short description of a run from its saved config: e.g. 'vBoN (bound) N=8', 'KL-RL beta=0.05',
     'dpo N=8 beta=0.1'."""
-    vbon, algo = cfg_dict["vbon"], cfg_dict["algo"]
-    name = algo["name"]
-    if name in OFFLINE_ALGOS:
-        betas = {"dpo": algo["dpo_beta"], "ipo": algo["ipo_beta"], "bonbon": algo["ipo_beta"]}
-        beta = betas.get(name)
-        return f"{name} N={vbon['n']}" + (f" beta={beta:g}" if beta is not None else "")
-    if vbon["objective"] == "kl_rl":
-        return f"KL-RL beta={vbon['beta']:g} ({name})"
-    kind = "exact" if vbon["objective"] == "vbon_exact" else "bound"
-    return f"vBoN ({kind}) N={vbon['n']} ({name})"
+    return run_label(cfg_dict)  # the algorithm registry and the objective decide it
 
 
 def eval_scorer(cfg: ExperimentConfig, engines: Engines) -> RewardScorer | None:
@@ -300,7 +290,8 @@ def _run_policy(
         return Policy(label, run=str(run_dir), steps=0)
     state = distributed.from_main(lambda: read_trainer_state(checkpoint))
     recorded = distributed.from_main(lambda: recorded_settings(state, what))  # warns once for old ones
-    check_resume_compatible(recorded, weights_settings(cfg), what, training=False)
+    current = weights_settings(cfg, critic=algorithm_of(cfg).needs.critic)
+    check_resume_compatible(recorded, current, what, training=False)
     setting = run_setting(state["config"]) if "config" in state else ""
     return Policy(label, setting=setting, run=str(run_dir), steps=int(state["step"]))
 

@@ -1,10 +1,11 @@
 """`vbon train`: vBoN, the KL-RL baseline and the offline baselines on DeepSpeed engines, one step at a time.
 
-A step (docs/design.md):
-    on-policy (ppo, rloo)   rollout -> score -> logprobs -> advantages -> update
-    offline (bon_sft, dpo, ipo, bonbon)   pairs from the reference cache -> reference logprobs -> update
-Both share the loop: a step that is skipped (non-finite reward or loss) still counts, logs, checkpoints on
-schedule and honours a stop signal; the phases themselves are in experience.py and offline.py.
+A step (docs/design.md), the same for every algorithm of the registry (algorithms/registry.py):
+    experience = algorithm.experience(...)     on-policy: rollout -> score -> logprobs -> advantages;
+                                               offline: pairs from the reference cache -> reference logprobs
+    update(experience, algorithm.losses, ...)  per micro-batch: each loss, then its engine's backward and step
+A step that is skipped (non-finite reward or loss) still counts, logs, checkpoints on schedule and honours
+a stop signal.
 """
 
 from __future__ import annotations
@@ -13,26 +14,24 @@ import random
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from vbon_ds.algorithms import onpolicy as phases
-from vbon_ds.algorithms.offline import (
-    OFFLINE_ALGOS,
-    ReferenceLogProbs,
-    offline_experience,
-    offline_micro_step,
-)
+from vbon_ds.algorithms.objective import needs_reference_rewards, objective_beta
+from vbon_ds.algorithms.offline import ReferenceLogProbs
+from vbon_ds.algorithms.onpolicy import Experience, NonFiniteReward, TrainingInputs
+from vbon_ds.algorithms.registry import algorithm_of
+from vbon_ds.algorithms.step import any_rank, mean_over_ranks, update
 from vbon_ds.config import ExperimentConfig, config_to_dict
-from vbon_ds.core import bon
 from vbon_ds.data.prompts import PromptSampler, load_prompts
 from vbon_ds.data.refcache import RefCache, open_refcache, refcache_dir
 from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE
 from vbon_ds.engines import distributed
-from vbon_ds.engines.build import Engines, build_training_engines
+from vbon_ds.engines.build import Engines, build_engines
 from vbon_ds.engines.checkpoint import export_hf, load_checkpoint, save_checkpoint
 from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint, step_dirs
 from vbon_ds.engines.run_settings import (
@@ -48,13 +47,6 @@ from vbon_ds.preemption import StopRequest
 from vbon_ds.runlock import run_lock
 
 
-def objective_beta(cfg: ExperimentConfig) -> float:
-    """The KL coefficient: vbon.beta when set, else 1/(N-1) for the vBoN objectives."""
-    if cfg.vbon.beta is not None:
-        return cfg.vbon.beta
-    return bon.vbon_beta(cfg.vbon.n)
-
-
 class Trainer:
     """The data order, the step counter and the loop; `run()` trains to cfg.train.steps."""
 
@@ -62,21 +54,20 @@ class Trainer:
         self.cfg = cfg
         self.rank = distributed.rank()
         self.out = Path(cfg.train.output_dir)
-        self.settings = weights_settings(cfg)  # recorded in every checkpoint
+        self.algorithm = algorithm_of(cfg)
+        self.settings = weights_settings(cfg, critic=self.algorithm.needs.critic)  # in every checkpoint
         self.resume_from = self._checkpoint_to_resume()  # checked against self.settings before models load
-        self.engines = engines if engines is not None else build_training_engines(cfg)
-        self.beta = objective_beta(cfg)
-        self.offline = cfg.algo.name in OFFLINE_ALGOS
+        self.engines = engines if engines is not None else build_engines(cfg, **asdict(self.algorithm.needs))
         self._seed_everything(cfg.train.seed)
         self.prompts = load_prompts(cfg.data, "train")
         self.sampler = PromptSampler(len(self.prompts), cfg.train.seed)
-        self.cache = self._open_cache()
         self.reference_logps = ReferenceLogProbs()
+        self.inputs = TrainingInputs(
+            self.engines, cfg, self.prompts, self._open_cache(), self.reference_logps, objective_beta(cfg)
+        )
         self.step = 0
         self.bad_steps = 0
         self.monitor = Monitor(self.out / "tensorboard", enabled=cfg.logging.tensorboard and self.rank == 0)
-        micro_step = offline_micro_step if self.offline else phases.ppo_micro_step
-        self.micro_step = micro_step(self.engines, cfg)
         self.resume()
 
     # ------------------------------------------------------------ setup, checkpoints
@@ -90,9 +81,10 @@ class Trainer:
     def _open_cache(self) -> RefCache | None:
         root = refcache_dir(self.cfg)
         if not (root / FINGERPRINT_FILE).exists():
-            if self.cfg.vbon.objective == "kl_rl" and not self.offline:
+            on_policy = self.algorithm.on_policy
+            if on_policy and not needs_reference_rewards(self.cfg):
                 return None  # KL-RL needs no F; train/log_F is then not logged
-            need = f"algo.name={self.cfg.algo.name} trains on" if self.offline else "F_hat needs"
+            need = "F_hat needs" if on_policy else f"algo.name={self.cfg.algo.name} trains on"
             raise VbonError(
                 f"no reference cache in {root}: run `vbon refcache --config ...` with this config first "
                 f"({need} the M cached reference answers per prompt)"
@@ -191,52 +183,28 @@ class Trainer:
         """A stream fixed by (seed, step, purpose), the same on every rank and after a resume."""
         return torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + self.step * 7 + purpose)
 
-    def make_experience(self, prompt_index: list[int]) -> phases.Experience:
-        """Everything the update needs for this rank's prompts (raises NonFiniteReward)."""
-        if self.offline:
-            return offline_experience(
-                self.engines, self.cfg, self.prompts, self.cache, prompt_index,
-                self.step_generator(1), self.reference_logps,
-            )  # fmt: skip
-        cfg, k = self.cfg, self.cfg.algo.samples_per_prompt
-        index = [i for i in prompt_index for _ in range(k)]
-        prompts = [self.prompts.texts[i] for i in index]
-        t0 = time.perf_counter()
-        sampled = phases.rollout(self.engines, cfg, prompts)
-        t_rollout = time.perf_counter() - t0
-        names = [f"prompt {i} ({self.prompts.ids[i]!r})" for i in index]
-        batch = phases.TokenBatch.of(sampled.rollout)
-        rewards = sampled.rewards.to(batch.sequences.device)
-        ended_with_eos = sampled.rollout.ended_with_eos
-        scores = phases.score(cfg, rewards, self._sorted_ref_rewards(index), names, ended_with_eos)
-        logps = phases.logprobs(self.engines, cfg, batch, sampled.rollout)
-        exp = phases.advantages(cfg, self.beta, batch, scores, logps)
-        exp.stats["train/eos_fraction"] = ended_with_eos.float().mean().item()
-        exp.stats["time/rollout"] = t_rollout
-        exp.stats["time/logprobs"] = time.perf_counter() - t0 - t_rollout
-        self._log_samples(prompts, sampled.responses, scores.rewards)
-        return exp
-
     def train_step(self) -> tuple[dict[str, float], str]:
         """Experience, then update; returns (stats, why the update was skipped: "" when it was not)."""
         t0 = time.perf_counter()
         try:
-            exp, problem = self.make_experience(self.this_ranks_prompts()), ""
-        except phases.NonFiniteReward as bad:
-            exp, problem = None, str(bad)
+            experience = self.algorithm.experience(
+                self.inputs, self.this_ranks_prompts(), self.step_generator(1)
+            )
+            self._log_samples(experience)
+            problem = ""
+        except NonFiniteReward as bad:
+            experience, problem = None, str(bad)
         problems = [p for p in distributed.all_gather_object(problem) if p]
         if problems:
             return {}, "; ".join(problems)
-        generator = self.step_generator(0)
-        stats = {
-            **exp.stats,
-            **phases.update(exp, self.engines.sizes, self.cfg.algo.epochs, generator, self.micro_step),
-        }
+        losses = self.algorithm.losses  # (engine, loss) pairs; update runs backward and step after each
+        epochs, generator = self.cfg.algo.epochs, self.step_generator(0)
+        stats = {**experience.stats, **update(experience, self.engines, self.cfg, losses, epochs, generator)}
         skipped = stats.pop("train/skipped_micro_batches")
         stats["train/lr"] = self.engines.actor.current_lr()
         stats["time/step"] = time.perf_counter() - t0
         stats["perf/samples_per_sec"] = self.engines.sizes.rollout_samples / stats["time/step"]
-        stats = phases.mean_over_ranks(stats)
+        stats = mean_over_ranks(stats)
         return stats, f"non-finite loss in {skipped:.0f} micro-batches" if skipped else ""
 
     # ------------------------------------------------------------ the loop
@@ -255,7 +223,7 @@ class Trainer:
                 stats, problem = self.train_step()
                 self.step += 1
                 self._record(stats, problem, bar)
-                stop_now = phases.any_rank(stop.requested)
+                stop_now = any_rank(stop.requested)
                 if stop_now or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     self.save()
                 if stop_now:
@@ -289,19 +257,10 @@ class Trainer:
                 f"stopping (train.max_bad_steps={self.cfg.train.max_bad_steps})"
             )
 
-    def _sorted_ref_rewards(self, index: list[int]) -> torch.Tensor | None:
-        """The cached reference rewards of each answer's prompt, [B, M] ascending (None without a cache)."""
-        if self.cache is None:
-            return None
-        return self.cache.rewards_for([self.prompts.ids[i] for i in index]).to(distributed.device())
-
-    def _log_samples(self, prompts: list[str], responses: list[str], rewards: torch.Tensor) -> None:
+    def _log_samples(self, experience: Experience) -> None:
         every = self.cfg.logging.sample_every
-        if self.rank == 0 and every and self.step % every == 0:
-            shown = [
-                f"**{p}**{r}  (r={v:.3f})"
-                for p, r, v in zip(prompts[:4], responses[:4], rewards[:4].tolist(), strict=True)
-            ]
+        if self.rank == 0 and every and self.step % every == 0 and experience.samples:
+            shown = [f"**{p}**{r}  (r={v:.3f})" for p, r, v in experience.samples]
             self.monitor.text("samples", "\n\n".join(shown), self.step)
 
 

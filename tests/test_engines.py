@@ -337,16 +337,22 @@ def test_forced_zero2_actor_without_launcher(tmp_path):
     assert results["stages"] == {"actor": 2, "reference": 3, "reward": 3}
 
 
+def run_two_ranks(script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`script ARGS` as two ranks under torchrun, with this tree importable and one thread per rank;
+    asserts it succeeded."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd = [*torchrun, "--master_port", str(free_port()), str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
 def _run_partial_check(tmp_path: Path, mode: str) -> dict:
     make_tiny_causal_lm(
         tmp_path / "actor", "llama", n_layer=3
     )  # untied lm head: it trains with the top layer
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    script = REPO / "tests" / "dist" / "partial_check.py"
-    cmd = [*torchrun, "--master_port", str(free_port()), str(script), str(tmp_path), mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_ranks(REPO / "tests" / "dist" / "partial_check.py", str(tmp_path), mode)
 
     # The export is a plain HF model (LoRA merged: no adapter weights) with the trained actor's logits.
     exported, info = AutoModelForCausalLM.from_pretrained(

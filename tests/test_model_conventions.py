@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from test_evaluate import world_of_one_not_exported
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaForCausalLM
 
 from vbon_ds.batching import batch_sizes
@@ -40,14 +39,9 @@ SCALED_MODELS = {
 def world_of_one():
     """Engines built here make a world of one in this process and export its RANK, MASTER_PORT, ...: the
     processes later tests launch must not inherit them (as in test_evaluate.py)."""
-    saved_env = dict(os.environ)
-    distributed.init_distributed()
-    try:
+    with world_of_one_not_exported():
+        distributed.init_distributed()
         yield
-    finally:
-        local_rank = os.environ.get("LOCAL_RANK", "0")
-        os.environ.clear()
-        os.environ.update(saved_env, LOCAL_RANK=local_rank)
 
 
 def _config(tmp_path, model_dir, *overrides):

@@ -11,12 +11,12 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from test_engines import run_two_ranks
 from transformers import AutoModelForCausalLM
 
 from vbon_ds.algorithms.registry import training_memory_plan
 from vbon_ds.cli import PLAN_DOES_NOT_FIT, main
 from vbon_ds.config import load_config
-from vbon_ds.engines.distributed import free_port
 from vbon_ds.engines.memory_plan import GIB, PYTHIA, pythia_config
 from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_reward_model
 
@@ -211,12 +211,7 @@ def test_model_states_agree_with_deepspeeds_estimators(models, monkeypatch, size
 
 
 def _measured_bytes(workdir: Path, stage: str) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    script = REPO / "tests" / "dist" / "plan_check.py"
-    cmd = [*torchrun, "--master_port", str(free_port()), str(script), str(workdir), stage]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_two_ranks(REPO / "tests" / "dist" / "plan_check.py", str(workdir), stage)
     return json.loads((workdir / f"{stage}.json").read_text())
 
 

@@ -239,13 +239,19 @@ def _process_group() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     joined_before = _process_group() is not None
+    code = None
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        return code
     finally:
         # A process group left to the interpreter's exit can abort in gloo's destructor ("terminate called
-        # without an active exception"), turning a finished run's exit code into a crash's.
+        # without an active exception"), turning a finished run's exit code into a crash's; so can a rank
+        # tearing its group down while another still works (rank 0 writing final/). A finished command
+        # waits for every rank first; a failed one does not (a rank that died would never arrive).
         dist = _process_group()
         if dist is not None and not joined_before:
+            if code == 0:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -15,9 +15,17 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.core.frontier import DOMINANCE_RULE, Point, kl_difference, reward_difference, significant_front
+from vbon_ds.core.frontier import (
+    DOMINANCE_RULE,
+    Point,
+    front_counts,
+    kl_difference,
+    reward_difference,
+    significant_front,
+)
 from vbon_ds.engines import distributed
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.runlock import prepare_output_dir
@@ -158,6 +166,40 @@ def markdown_report(rows: list[EvalRow]) -> str:
     if paired:
         parts += [f"Paired over the shared prompts, against BoN({bon_n}) of the cached answers:", paired]
     return "\n\n".join(parts) + "\n"
+
+
+def method_front_counts(
+    rows: list[EvalRow], method_of: dict[str, str], seed_of: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Per method (`method_of`: run name -> method), its runs, their seeds (`seed_of`) and points (a run at
+    one evaluation temperature), and how many points are on the Pareto front of the trained runs' points
+    alone and on the table's front (which has BoN(n) and the reference too); by frontier.DOMINANCE_RULE."""
+    runs = [row for row in rows if row.run and row.method in method_of]
+    among_runs = significant_front([front_point(row) for row in runs])
+    methods = [method_of[row.method] for row in runs]
+    with_bon = front_counts(methods, [row.on_front for row in runs])
+    counts = []
+    for method, (on, points) in front_counts(methods, among_runs).items():
+        names = list(dict.fromkeys(row.method for row in runs if method_of[row.method] == method))
+        entry = {"method": method, "runs": names, "seeds": [seed_of[name] for name in names]}
+        counts.append(entry | {"points": points, "on_front": on, "on_table_front": with_bon[method][0]})
+    return counts
+
+
+def format_front_counts(counts: list[dict[str, Any]]) -> str:
+    """The front counts as a markdown table, the rule under it."""
+    lines = [
+        "| method | runs (seed) | on the front of the trained runs | on the front with BoN(n), reference |",
+        "|---|---|---|---|",
+    ]
+    for entry in counts:
+        runs = ", ".join(f"{name} ({seed})" for name, seed in zip(entry["runs"], entry["seeds"], strict=True))
+        share = entry["on_front"] / entry["points"]
+        lines.append(
+            f"| {entry['method']} | {runs} | {entry['on_front']} of {entry['points']} ({share:.0%}) | "
+            f"{entry['on_table_front']} of {entry['points']} |"
+        )
+    return "\n".join(lines) + f"\n\nA point is a run at one evaluation temperature. {DOMINANCE_RULE}\n"
 
 
 def share_of_bon_gain(rows: list[EvalRow]) -> list[str]:

@@ -13,12 +13,13 @@ reward-KL plane.
                 when reward.missing_eos_score is set, as training credits them), win rates against one
                 reference answer and against BoN(vbon.n) of the cached answers; sampled from a random
                 stream fixed by train.seed, so two evaluations of one run give the same numbers
-Means come with standard errors across prompts (frontier.mean_and_se). With reward.eval_model or
-reward.eval_function set, every row also reports that evaluation reward (BoN rows: the cached answers
-rescored, BoN still choosing by the training reward), and the Pareto front is taken on it; win rates and
-log F stay on the training reward, the one the cache holds. `jobs/report.py` marks the Pareto front,
-formats the table and writes it: results.json, results.md and reward_kl.png under train.output_dir/eval,
-or PREFIX.json/.md/.png with `--out PREFIX`.
+Means come with standard errors across prompts (frontier.mean_and_se); every row keeps the prompt ids and
+its per-prompt means of reward, KL and evaluation reward, which the report pairs across rows. With
+reward.eval_model or reward.eval_function set, every row also reports that evaluation reward (BoN rows: the
+cached answers rescored, BoN still choosing by the training reward), and the Pareto front is taken on it;
+win rates and log F stay on the training reward, the one the cache holds. `jobs/report.py` marks the Pareto
+front, formats the table and writes it: results.json, results.md and reward_kl.png under
+train.output_dir/eval, or PREFIX.json/.md/.png with `--out PREFIX`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 # Two entry points a new user needs: `make demo` and `make test`. Both set up .venv first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint format gpu-check
+.PHONY: setup demo test lint format gpu-check gpu-science
 
 setup:
 	launch/setup_env.sh all
@@ -26,3 +26,11 @@ gpu-check:
 	@command -v nvidia-smi >/dev/null 2>&1 || { echo "gpu-check: no NVIDIA GPU here (nvidia-smi not found); run it on a machine with one" >&2; exit 2; }
 	$(MAKE) setup
 	$(PY) benchmarks/gpu_check.py
+
+# On one NVIDIA GPU, at most 10 minutes by its own estimate: launch/sweep_science.yaml (SmolLM2-135M + VADER,
+# 13 runs of 6 methods, M = 64, 1024 answers per step); calibrates on the card, refuses when its estimate is
+# over 10 minutes, writes runs/sweep_science/RESULTS_block.md (frontier table, front counts, figure, card).
+gpu-science:
+	@command -v nvidia-smi >/dev/null 2>&1 || { echo "gpu-science: no NVIDIA GPU here (nvidia-smi not found); run it on a machine with one, or python benchmarks/gpu_science.py --size laptop on CPU" >&2; exit 2; }
+	$(MAKE) setup
+	$(PY) benchmarks/gpu_science.py

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM
 
 from vbon_ds.commands.demo import demo_config
 from vbon_ds.core.bon import bon_kl_bound, bon_kl_from_samples
-from vbon_ds.core.frontier import pareto_front
 from vbon_ds.data.refcache import RefRecord, open_refcache
 from vbon_ds.data.rewards import register_reward
 from vbon_ds.engines.build import build_engines
@@ -210,8 +209,23 @@ def test_bon_rows_equal_enumeration_over_the_cache(evaluated):
 @pytest.mark.slow
 def test_front_and_report(evaluated, tmp_path):
     cfg, rows, _, _, _ = evaluated
-    ys = [row.eval_reward for row in rows]  # the front is taken on the evaluation reward when it is set
-    assert [row.on_front for row in rows] == pareto_front(ys, [row.kl for row in rows])
+    # Every row keeps its per-prompt means, on the same prompts, behind its means.
+    for row in rows:
+        assert sorted(row.prompt_ids) == sorted(rows[0].prompt_ids)
+        for stat in ("reward", "kl", "eval_reward"):
+            assert statistics.fmean(row.per_prompt[stat]) == pytest.approx(getattr(row, stat), abs=1e-9)
+
+    def paired(a, b, stat):  # mean and SE over prompts of a - b, matched by prompt id
+        of_b = dict(zip(b.prompt_ids, b.per_prompt[stat], strict=True))
+        diffs = [v - of_b[p] for p, v in zip(a.prompt_ids, a.per_prompt[stat], strict=True)]
+        return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+    def dominates(a, b):  # on the evaluation reward, which is set, outside one SE
+        (gain, gain_se), (saving, saving_se) = paired(a, b, "eval_reward"), paired(b, a, "kl")
+        return gain > gain_se and saving > saving_se
+
+    undominated = [not any(dominates(other, row) for other in rows if other is not row) for row in rows]
+    assert [row.on_front for row in rows] == undominated
     assert any(row.on_front for row in rows)
     report.write_report(cfg, rows, tmp_path / "frontier")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,8 +233,9 @@ def test_front_and_report(evaluated, tmp_path):
     assert (
         "| eval reward |" in table
         and "win rate vs BoN(4)" in table
-        and len(table.splitlines()) == 2 + len(rows)
-    )
+        and len([line for line in table.splitlines() if line.startswith("| ")]) == 1 + len(rows) + 1 + 4
+    )  # the table (header + rows), then the paired differences to BoN(4) (header + 4 sampled rows)
+    assert "r_A - r_B > SE(r_A - r_B)" in table
     assert Path(tmp_path / "frontier.json").stat().st_size > 0
 
 
@@ -341,8 +356,8 @@ def test_the_front_takes_bon_at_its_kl_for_the_cache_ties():
     rows = {row.method: row for row in evaluate.bon_rows(_stub_context(refs, bon_n=2), ["a", "b", "c"])}
     bon2 = rows["BoN(2)"]
     assert bon2.kl == pytest.approx(bon_kl_from_samples(refs[0], 2).item()) and bon2.kl < bon2.kl_bound - 0.05
-    # A policy as good as BoN(2) at a KL between the two: dominated by BoN(2) at its actual KL.
-    policy = report.EvalRow("policy", 1.0, bon2.reward, kl=(bon2.kl + bon2.kl_bound) / 2, win_rate=0.5)
+    # A policy a little worse than BoN(2) at a KL between the two: dominated by BoN(2) at its actual KL.
+    policy = report.EvalRow("policy", 1.0, bon2.reward - 0.05, kl=(bon2.kl + bon2.kl_bound) / 2, win_rate=0.5)
     marked = report.mark_front([*rows.values(), policy])
     assert bon2.on_front and not marked[-1].on_front
     assert f"{bon2.kl:.3f} ± " not in report.format_table(marked)  # one KL per prompt: no spread

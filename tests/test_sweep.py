@@ -1,10 +1,13 @@
-"""`vbon sweep`: the sweep file's checks, and a tiny sweep end to end with a failing run, then resumed."""
+"""`vbon sweep`: the sweep file's checks, a tiny sweep end to end with a failing run, then resumed; the front
+counts per method; the science sweep (benchmarks/gpu_science.py): its estimate, and the file at tiny size."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ import yaml
 from vbon_ds.commands.sweep import SweepDriver
 from vbon_ds.commands.sweep_file import load_sweep
 from vbon_ds.config import ConfigError, load_config
+from vbon_ds.data.prompts import load_prompts
 from vbon_ds.errors import VbonError
 from vbon_ds.monitor import read_scalars
 
@@ -227,8 +231,13 @@ def test_tiny_sweep_reports_a_failed_run_survives_sigterm_and_resumes_without_re
     assert [r["method"] for r in policy_rows] == ["vbon_n2", "late"]
     assert [r["setting"] for r in policy_rows] == ["vBoN (bound) N=2 (rloo)", "vBoN (bound) N=4 (rloo)"]
     assert [r["steps"] for r in policy_rows] == [1, step + 1]
-    table = (root / "frontier.md").read_text()
+    table = (root / "frontier.md").read_text().split("\n\n")[0]  # the table, then its caption
     assert len(table.splitlines()) == 2 + len(rows) and "| late | 1 |" in table
+    counts = json.loads((root / "front_counts.json").read_text())["methods"]
+    assert [(c["method"], c["runs"], c["points"]) for c in counts] == [
+        ("vbon_n2", ["vbon_n2"], 1),
+        ("late", ["late"], 1),
+    ]
     png = root / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(png).ndim == 3
@@ -305,3 +314,153 @@ def test_a_launcher_beside_this_python_is_found(tmp_path):
     launcher = load_sweep(path).launcher
     assert Path(launcher[0]).name == "torchrun" and Path(launcher[0]).is_file()
     assert launcher[1:] == ["--nproc_per_node", "2"]
+
+
+def test_a_runs_method_defaults_to_its_name_and_must_be_a_string(tmp_path):
+    runs = [{"name": "a"}, {"name": "b_seed1", "method": "vBoN", "set": ["train.seed=1"]}]
+    assert [(r.name, r.method) for r in load_sweep(write_sweep(tmp_path / "s.yaml", runs)).runs] == [
+        ("a", "a"),
+        ("b_seed1", "vBoN"),
+    ]
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.method: expected a string"):
+        load_sweep(write_sweep(tmp_path / "s.yaml", [{"name": "a", "method": 3}]))
+
+
+def test_front_counts_group_runs_by_method_among_the_trained_runs():
+    from vbon_ds.jobs.report import EvalRow, format_front_counts, method_front_counts
+
+    def row(method, reward, kl, run="r", on_front=False):
+        ids = ["p0", "p1", "p2"]
+        per_prompt = {"reward": [reward - 0.1, reward, reward + 0.1], "kl": [kl, kl, kl]}  # paired SE 0
+        return EvalRow(
+            method, 1.0, reward, kl, 0.5, run=run, on_front=on_front, prompt_ids=ids, per_prompt=per_prompt
+        )
+
+    rows = [
+        row("BoN(8)", 0.9, 0.1, run="", on_front=True),  # not a run: not counted, not on the runs' front
+        row("v8", 0.5, 0.5),
+        row("v8_seed1", 0.4, 0.6),  # dominated by v8: -0.1 reward and +0.1 KL on every prompt
+        row("kl", 0.6, 0.9),
+    ]
+    methods = {"v8": "vBoN", "v8_seed1": "vBoN", "kl": "KL-RL"}
+    counts = method_front_counts(rows, methods, {"v8": 0, "v8_seed1": 1, "kl": 0})
+    assert counts == [
+        {
+            "method": "vBoN",
+            "runs": ["v8", "v8_seed1"],
+            "seeds": [0, 1],
+            "points": 2,
+            "on_front": 1,
+            "on_table_front": 0,
+        },
+        {"method": "KL-RL", "runs": ["kl"], "seeds": [0], "points": 1, "on_front": 1, "on_table_front": 0},
+    ]
+    table = format_front_counts(counts)
+    assert "| vBoN | v8 (0), v8_seed1 (1) | 1 of 2 (50%) | 0 of 2 |" in table
+    assert "r_A - r_B > SE(r_A - r_B)" in table
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_science():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_science
+
+    return gpu_science
+
+
+def test_the_science_estimate_is_the_sweeps_totals_times_the_measured_pieces():
+    science = gpu_science()
+    pieces = science.Pieces(startup=10.0, per_sampled=0.002, per_trained=0.001, per_cached=0.0005)
+    on_policy = load_config(None, ["algo.name=rloo", "algo.samples_per_prompt=8", "algo.ppo_epochs=2",
+                                   "train.prompts_per_step=4", "train.steps=3"])  # fmt: skip
+    offline = load_config(None, ["algo.name=dpo", "algo.subsets_per_prompt=5", "algo.offline_epochs=1",
+                                 "train.prompts_per_step=4", "train.steps=2"])  # fmt: skip
+    assert science.run_work(on_policy) == science.Work(3, 32, 64)
+    assert science.run_work(offline) == science.Work(2, 0, 40)  # two answers per N-subset, nothing sampled
+    # on-policy: 10 + 3 x (32 x 0.002 + 64 x 0.001) = 10.384; offline: 10 + 2 x 40 x 0.001 = 10.08;
+    # evaluation of 3 policies x 24 answers: 10 + 72 x 0.003 = 10.216
+    total = science.estimate_seconds([science.run_work(on_policy), science.run_work(offline)], 3, 24, pieces)
+    assert total == pytest.approx(10.384 + 10.08 + 10.216, abs=1e-12)
+
+
+def test_the_science_sweep_at_a_size_keeps_its_runs_and_adds_the_sizes_overrides(tmp_path):
+    science = gpu_science()
+    path = science.sized_sweep("tiny", tmp_path / "out", tmp_path / "tiny.yaml")
+    sweep, original = load_sweep(path), load_sweep(REPO / "launch" / "sweep_science.yaml")
+    assert [(r.name, r.method, r.overrides) for r in sweep.runs] == [
+        (r.name, r.method, r.overrides) for r in original.runs
+    ]
+    assert sweep.preset == "tiny" and sweep.output_dir == tmp_path / "out"
+    source = next(o for o in sweep.base_overrides if o.startswith("data.source="))
+    assert Path(source.split("=", 1)[1]).is_file()  # absolute: the sweep may run from anywhere
+    assert sweep.base_overrides[-len(science.SIZES["tiny"][1]) :] == science.SIZES["tiny"][1]
+    # what the issue asks of the full size: M >= 64, hundreds of training prompts, >= 64 held out, 2 seeds
+    base = load_config(
+        None, [o for o in original.base_overrides if not o.startswith("data.source=")] + [source]
+    )
+    assert base.vbon.num_ref_samples >= 64
+    assert len(load_prompts(base.data, "train")) >= 200 and len(load_prompts(base.data, "eval")) >= 64
+    assert base.train.prompts_per_step * base.algo.samples_per_prompt >= 900  # above the noise scale
+    seeds = [r.overrides for r in original.runs if "train.seed=1" in r.overrides]
+    assert {"vbon.n=8" in o or "vbon.beta=0.1" in o for o in seeds} == {True} and len(seeds) == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_the_science_sweep_at_gpu_size_stops_at_once_without_cuda():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_science.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "gpu-science: no CUDA device" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_science_sweep_at_tiny_size_writes_its_table_front_counts_and_block(tmp_path):
+    root = tmp_path / "science"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_science.py"), "--size", "tiny",
+         "--output-dir", str(root)],
+        capture_output=True, text=True, timeout=1800, env=launch_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gpu-science: estimate: " in proc.stdout and "ms per sampled answer" in proc.stdout
+    status = json.loads((root / "status.json").read_text())
+    # the calibration trained the cache and the first run; the sweep skipped them as finished
+    assert status["refcache"]["status"] == "skipped" and status["vbon_n2"]["status"] == "skipped"
+    original = load_sweep(REPO / "launch" / "sweep_science.yaml").runs
+    assert all(status[r.name]["status"] in ("done", "skipped") for r in original)
+    rows = json.loads((root / "frontier.json").read_text())
+    assert [r["method"] for r in rows if r["run"]] == [r.name for r in original]
+    counts = json.loads((root / "front_counts.json").read_text())
+    assert "r_A - r_B > SE(r_A - r_B)" in counts["rule"]
+    by_method = {c["method"]: c for c in counts["methods"]}
+    assert list(by_method) == list(dict.fromkeys(r.method for r in original))
+    assert by_method["vBoN (bound)"]["seeds"] == [0, 0, 0, 1, 0] and by_method["KL-RL"]["points"] == 4
+    # recomputed by hand from the rows' per-prompt values: a run is off the runs' front when another run
+    # is better on reward and KL by more than one paired standard error
+    runs = [r for r in rows if r["run"]]
+
+    def paired(a, b, stat):
+        diffs = [x - y for x, y in zip(a["per_prompt"][stat], b["per_prompt"][stat], strict=True)]
+        return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+    def dominated(row):
+        return any(
+            paired(o, row, "reward")[0] > paired(o, row, "reward")[1]
+            and paired(row, o, "kl")[0] > paired(row, o, "kl")[1]
+            for o in runs
+            if o is not row
+        )
+
+    method = {r.name: r.method for r in original}
+    for name, entry in by_method.items():
+        mine = [r for r in runs if method[r["method"]] == name]
+        assert entry["on_front"] == sum(not dominated(r) for r in mine)
+        assert entry["on_table_front"] == sum(r["on_front"] for r in mine)
+    block = (root / "RESULTS_block.md").read_text()
+    assert "How often each method is on the Pareto front" in block and "| vBoN (exact) |" in block
+    assert matplotlib.image.imread(root / "frontier.png").ndim == 3

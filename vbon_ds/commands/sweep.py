@@ -2,6 +2,7 @@
 
     one reference cache -> train every run on it (vBoN at several N, KL-RL over beta, the offline baselines)
     -> one `vbon evaluate` of all finished runs + the BoN(n) curve -> <output_dir>/frontier.{json,md,png}
+    -> how often each method's runs are on the Pareto front -> <output_dir>/front_counts.{json,md}
 
 Each stage is a subprocess (`python -m vbon_ds ...`, or behind `launcher`, e.g. `torchrun --nproc_per_node 2`)
 logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on; it dies with
@@ -10,7 +11,7 @@ completed, a run whose training finished (its latest verified checkpoint is at t
 exists) is not started again, an interrupted one resumes from its checkpoint.
 Layout of <output_dir>: base.yaml (the base experiment, resolved), configs/<name>.yaml (each run's config),
 refcache/ (the shared cache; its lock and its job's files), runs/<name>/ (checkpoints, tensorboard/, final/),
-logs/, status.json (each stage's outcome and wall time), frontier.{json,md,png}.
+logs/, status.json (each stage's outcome and wall time), frontier.{json,md,png}, front_counts.{json,md}.
 The sweep YAML, and its checks, are in sweep_file.py.
 """
 
@@ -32,10 +33,12 @@ from typing import Any
 
 from vbon_ds.commands.sweep_file import Sweep, load_sweep
 from vbon_ds.config import ConfigError, ExperimentConfig, dump_config, load_config
+from vbon_ds.core.frontier import DOMINANCE_RULE
 from vbon_ds.data.refcache import open_refcache, prompt_texts
 from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE, fingerprint_from_config
 from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint
 from vbon_ds.errors import VbonError, writing
+from vbon_ds.jobs.report import EvalRow, format_front_counts, method_front_counts
 from vbon_ds.runlock import run_lock
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -210,7 +213,22 @@ class SweepDriver:
         evaluate += ["--runs", *(str(self.run_dir(name)) for name in trained)]
         if not self.stage("evaluate", evaluate, f"evaluate {len(trained)} runs + BoN(n)"):
             raise VbonError(f"sweep: the evaluation failed ({self.stages['evaluate'].detail}); see its log")
+        self.write_front_counts(configs)
         return trained
+
+    def write_front_counts(self, configs: dict[str, ExperimentConfig]) -> None:
+        """front_counts.{json,md} from frontier.json: per method, how many of its runs' points are on the
+        front of the trained runs, and on the table's front (with BoN(n) and the reference)."""
+        rows = [EvalRow(**row) for row in json.loads((self.root / "frontier.json").read_text())]
+        methods = {run.name: run.method for run in self.sweep.runs}
+        counts = method_front_counts(rows, methods, {name: cfg.train.seed for name, cfg in configs.items()})
+        for ext, text in (
+            ("json", json.dumps({"rule": DOMINANCE_RULE, "methods": counts}, indent=2) + "\n"),
+            ("md", format_front_counts(counts)),
+        ):
+            path = self.root / f"front_counts.{ext}"
+            with writing(path):
+                path.write_text(text)
 
 
 def run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIGKILL) -> int:
@@ -306,7 +324,9 @@ def run_sweep(path: str | Path) -> None:
         trained = driver.run()
     failed = [s.name for s in driver.stages.values() if s.status == "failed"]
     table = (sweep.output_dir / "frontier.md").read_text()
+    counts = (sweep.output_dir / "front_counts.md").read_text()
     print(f"\nsweep: {len(trained)} runs on the frontier plot ({sweep.output_dir}/frontier.png):\n{table}")
+    print(f"sweep: how often each method is on the Pareto front (front_counts.md):\n{counts}")
     if failed:
         raise VbonError(
             f"sweep: {len(failed)} of {len(sweep.runs)} runs failed ({', '.join(failed)}); see "

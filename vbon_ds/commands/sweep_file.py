@@ -10,6 +10,7 @@
       set: [generation.eval_samples=8]  # --set overrides of the evaluation only
     runs:                             # name (letters, digits, . _ -) + --set overrides, one per point
       - {name: vbon_n4, set: [vbon.n=4]}
+      - {name: vbon_n8_seed1, method: vBoN, set: [vbon.n=8, train.seed=1]}   # method: default the name
 
 The sweep places every run and the cache: train.output_dir and train.refcache_dir are refused in any `set`.
 """
@@ -40,10 +41,12 @@ SWEEP_PATHS = {
 
 @dataclass
 class SweepRun:
-    """One point of the frontier: its name (directory runs/<name>) and its --set overrides."""
+    """One point of the frontier: its name (directory runs/<name>), its --set overrides and the method it
+    counts for in the front counts (runs of several seeds or settings share one)."""
 
     name: str
     overrides: list[str]
+    method: str = ""
 
 
 @dataclass
@@ -134,14 +137,15 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError("runs: expected a non-empty list of {name, set} entries")
     runs, seen = [], set()
     for i, entry in enumerate(runs_value):
-        entry = _mapping(entry, f"runs[{i}].", ("name", "set"))
+        entry = _mapping(entry, f"runs[{i}].", ("name", "method", "set"))
         name = _string(entry.get("name"), f"runs[{i}].name")
         if not RUN_NAME.match(name):
             raise ConfigError(f"runs[{i}].name: {name!r} is not a directory name (letters, digits, . _ -)")
         if name in seen:
             raise ConfigError(f"runs[{i}].name: {name!r} is used twice")
         seen.add(name)
-        runs.append(SweepRun(name, _overrides(entry.get("set"), f"runs[{i}] ({name}).set")))
+        method = _string(entry.get("method"), f"runs[{i}].method").strip() or name
+        runs.append(SweepRun(name, _overrides(entry.get("set"), f"runs[{i}] ({name}).set"), method))
     return Sweep(
         output_dir=Path(output_dir).expanduser().resolve(),
         runs=runs,

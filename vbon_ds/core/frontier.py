@@ -1,19 +1,36 @@
-"""Reward-KL frontier math: standard errors over prompts, win rates against BoN(n), the Pareto front.
+"""Reward-KL frontier math: standard errors over prompts, paired differences, win rates against BoN(n),
+the Pareto front with dominance outside one standard error, and how often each method is on it.
 
 Pure functions on tensors and floats (no I/O, no DeepSpeed); `vbon evaluate` builds its table from them.
 Answers to one prompt are correlated, so a mean over prompts x answers gets the standard error of the mean
 of per-prompt means: std(per-prompt means) / sqrt(#prompts).
+
+DOMINANCE_RULE states the rule the front uses (`dominates`); the report prints it under its table.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from vbon_ds.core.bon import log_binom, sorted_ref_rewards
+
+DOMINANCE_RULE = (
+    "A dominates B when r_A - r_B > SE(r_A - r_B) and KL_B - KL_A > SE(KL_B - KL_A): differences and "
+    "standard errors paired over the prompts both were measured on (the standard deviation of the "
+    "per-prompt differences over sqrt(#prompts)); rows not measured on the same prompts use the unpaired "
+    "SE sqrt(SE_A^2 + SE_B^2); a difference with no SE (one prompt) never counts. A row is on the front "
+    "when no other row dominates it."
+)
+
+
+def prompt_means(values: Tensor) -> Tensor:
+    """Per-prompt means [P] (float64) of `values` [P] or [P, K] (K answers per prompt)."""
+    return values.double().reshape(values.shape[0], -1).mean(1)
 
 
 def mean_and_se(values: Tensor) -> tuple[float, float]:
@@ -22,7 +39,7 @@ def mean_and_se(values: Tensor) -> tuple[float, float]:
     Each prompt's answers are averaged first; the standard error is the sample standard deviation of the
     P prompt means over sqrt(P) (nan for a single prompt). float64.
     """
-    per_prompt = values.double().reshape(values.shape[0], -1).mean(1)
+    per_prompt = prompt_means(values)
     if per_prompt.numel() == 0:
         raise ValueError("mean_and_se needs at least one prompt")
     mean = per_prompt.mean().item()
@@ -72,10 +89,76 @@ def expected_bon_other_reward(ref_rewards: Tensor, other: Tensor, n: int) -> Ten
     return (spread * values).sum(-1)
 
 
-def pareto_front(rewards: Sequence[float], kls: Sequence[float]) -> list[bool]:
-    """Which points are on the reward-KL Pareto front (maximise reward, minimise KL): a point is on it when
-    no other point has reward >= its reward and KL <= its KL with at least one of the two strict."""
-    if len(rewards) != len(kls):
-        raise ValueError(f"{len(rewards)} rewards for {len(kls)} KL values")
-    points = list(zip(rewards, kls, strict=True))
-    return [not any(r2 >= r and k2 <= k and (r2 > r or k2 < k) for r2, k2 in points) for r, k in points]
+@dataclass(frozen=True)
+class Point:
+    """One point of the reward-KL plane: mean reward and KL with their standard errors (None: unknown,
+    taken as 0), and the per-prompt means behind them keyed by prompt id (empty: not recorded)."""
+
+    reward: float
+    kl: float
+    reward_se: float | None = None
+    kl_se: float | None = None
+    prompt_rewards: Mapping[str, float] = field(default_factory=dict)
+    prompt_kls: Mapping[str, float] = field(default_factory=dict)
+
+
+def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float]:
+    """Mean and standard error over prompts of a_p - b_p, for per-prompt means of two methods measured on
+    the same prompts (keyed by prompt id); nan standard error for a single prompt."""
+    if a.keys() != b.keys() or not a:
+        raise ValueError(f"paired_difference needs the same prompts on both sides ({len(a)} and {len(b)})")
+    ids = list(a)
+    return mean_and_se(
+        torch.tensor([a[i] for i in ids], dtype=torch.float64)
+        - torch.tensor([b[i] for i in ids], dtype=torch.float64)
+    )
+
+
+def _difference(
+    mean_a: float,
+    mean_b: float,
+    se_a: float | None,
+    se_b: float | None,
+    a: Mapping[str, float],
+    b: Mapping[str, float],
+) -> tuple[float, float]:
+    """a - b and its standard error: paired when both sides carry per-prompt values of the same prompts."""
+    if a and a.keys() == b.keys():
+        return paired_difference(a, b)
+    return mean_a - mean_b, math.hypot(se_a or 0.0, se_b or 0.0)
+
+
+def reward_difference(a: Point, b: Point) -> tuple[float, float]:
+    """r_A - r_B and its standard error (paired over shared prompts where recorded)."""
+    return _difference(a.reward, b.reward, a.reward_se, b.reward_se, a.prompt_rewards, b.prompt_rewards)
+
+
+def kl_difference(a: Point, b: Point) -> tuple[float, float]:
+    """KL_A - KL_B and its standard error (paired over shared prompts where recorded)."""
+    return _difference(a.kl, b.kl, a.kl_se, b.kl_se, a.prompt_kls, b.prompt_kls)
+
+
+def dominates(a: Point, b: Point) -> bool:
+    """Whether `a` has more reward and less KL than `b`, both by more than one standard error of the
+    difference (DOMINANCE_RULE); a nan standard error makes the comparison False."""
+    reward_gain, reward_se = reward_difference(a, b)
+    kl_saving, kl_se = kl_difference(b, a)
+    return reward_gain > reward_se and kl_saving > kl_se
+
+
+def significant_front(points: Sequence[Point]) -> list[bool]:
+    """Which points no other point dominates (DOMINANCE_RULE)."""
+    return [
+        not any(dominates(other, p) for j, other in enumerate(points) if j != i) for i, p in enumerate(points)
+    ]
+
+
+def front_counts(methods: Sequence[str], on_front: Sequence[bool]) -> dict[str, tuple[int, int]]:
+    """Per method, in order of first appearance: (its points on the front, its points)."""
+    if len(methods) != len(on_front):
+        raise ValueError(f"{len(methods)} methods for {len(on_front)} front flags")
+    counts: dict[str, tuple[int, int]] = {}
+    for method, on in zip(methods, on_front, strict=True):
+        hits, total = counts.get(method, (0, 0))
+        counts[method] = (hits + int(on), total + 1)
+    return counts

@@ -13,12 +13,13 @@ reward-KL plane.
                 when reward.missing_eos_score is set, as training credits them), win rates against one
                 reference answer and against BoN(vbon.n) of the cached answers; sampled from a random
                 stream fixed by train.seed, so two evaluations of one run give the same numbers
-Means come with standard errors across prompts (frontier.mean_and_se). With reward.eval_model or
-reward.eval_function set, every row also reports that evaluation reward (BoN rows: the cached answers
-rescored, BoN still choosing by the training reward), and the Pareto front is taken on it; win rates and
-log F stay on the training reward, the one the cache holds. `jobs/report.py` marks the Pareto front,
-formats the table and writes it: results.json, results.md and reward_kl.png under train.output_dir/eval,
-or PREFIX.json/.md/.png with `--out PREFIX`.
+Means come with standard errors across prompts (frontier.mean_and_se); every row keeps the prompt ids and
+its per-prompt means of reward, KL and evaluation reward, which the report pairs across rows. With
+reward.eval_model or reward.eval_function set, every row also reports that evaluation reward (BoN rows: the
+cached answers rescored, BoN still choosing by the training reward), and the Pareto front is taken on it;
+win rates and log F stay on the training reward, the one the cache holds. `jobs/report.py` marks the Pareto
+front, formats the table and writes it: results.json, results.md and reward_kl.png under
+train.output_dir/eval, or PREFIX.json/.md/.png with `--out PREFIX`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from vbon_ds.algorithms.registry import algorithm_of, run_label
 from vbon_ds.algorithms.rollout import ScoredRollout, sample_and_score, shard_evenly
 from vbon_ds.config import ConfigError, ExperimentConfig
 from vbon_ds.core import bon
-from vbon_ds.core.frontier import expected_bon_other_reward, mean_and_se, win_rate_vs_bon
+from vbon_ds.core.frontier import expected_bon_other_reward, mean_and_se, prompt_means, win_rate_vs_bon
 from vbon_ds.data.prompts import load_prompts
 from vbon_ds.data.refcache import RefCache, open_refcache
 from vbon_ds.data.rewards import reward_names
@@ -87,11 +88,18 @@ class Context:
         return self.cfg.generation.temperature
 
 
+PAIRED_STATS = ("reward", "kl", "eval_reward")
+"""The statistics whose per-prompt means a row keeps, for comparisons paired over prompts."""
+
+
 def _stat(row: dict[str, Any], name: str, values: torch.Tensor | None) -> None:
-    """row[name], row[name_se] = mean and standard error over prompts of `values` [P] or [P, K]."""
+    """row[name], row[name_se] = mean and standard error over prompts of `values` [P] or [P, K] (prompts in
+    the order of row["prompt_ids"]); for PAIRED_STATS also the per-prompt means."""
     if values is None:
         return
     row[name], row[f"{name}_se"] = mean_and_se(values)
+    if name in PAIRED_STATS:
+        row.setdefault("per_prompt", {})[name] = prompt_means(values).tolist()
 
 
 def run_setting(cfg_dict: dict[str, Any]) -> str:
@@ -130,10 +138,11 @@ def rescored_cache(ctx: Context, prompt_ids: list[str]) -> tuple[torch.Tensor, t
     texts = [text for r in records for text in r.texts]
     ended = torch.tensor([bool(ids) and ids[-1] in eos_ids for r in records for ids in r.token_ids])
     scores = ctx.eval_scorer.score(prompts, texts, ended_with_eos=ended).view(len(records), -1)
-    local = [(r.rewards, s) for r, s in zip(records[:real], scores[:real].tolist(), strict=True)]
-    gathered = [pair for part in distributed.all_gather_object(local) for pair in part]
-    train = torch.tensor([pair[0] for pair in gathered], dtype=torch.float64)
-    return train, torch.tensor([pair[1] for pair in gathered], dtype=torch.float64)
+    local = list(zip(mine[:real], [r.rewards for r in records[:real]], scores[:real].tolist(), strict=True))
+    # back in prompt order (the shards are round robin), as the per-prompt values of every row are
+    gathered = sorted(entry for part in distributed.all_gather_object(local) for entry in part)
+    train = torch.tensor([entry[1] for entry in gathered], dtype=torch.float64)
+    return train, torch.tensor([entry[2] for entry in gathered], dtype=torch.float64)
 
 
 def bon_ns(m: int, n_main: int) -> list[int]:
@@ -151,6 +160,7 @@ def bon_rows(ctx: Context, prompt_ids: list[str]) -> list[EvalRow]:
     rows = []
     for n in bon_ns(m, n_main):
         row: dict[str, Any] = {"kl_bound": bon.bon_kl_bound(n) if n > 1 else None, "win_rate": None}
+        row["prompt_ids"] = list(prompt_ids)
         _stat(row, "kl", bon.bon_kl_from_samples(refs, n))
         _stat(row, "reward", bon.expected_bon_reward(refs, n))
         if n < m:
@@ -230,8 +240,10 @@ def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow
                 .double()
                 .view(real, k)
             )
-        gathered = distributed.all_gather_object({key: v.tolist() for key, v in local.items()})
-        row: dict[str, Any] = {}
+        gathered = distributed.all_gather_object(
+            {"ids": real_ids} | {key: v.tolist() for key, v in local.items()}
+        )
+        row: dict[str, Any] = {"prompt_ids": [pid for part in gathered for pid in part["ids"]]}
         for key in local:
             per_prompt = [answers for part in gathered for answers in part[key]]
             _stat(row, key, torch.tensor(per_prompt, dtype=torch.float64))

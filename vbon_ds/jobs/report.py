@@ -1,5 +1,7 @@
 """The report of `vbon evaluate`: its rows (one point of the reward-KL plane each), the Pareto front
-marked on them, the markdown table, the share-of-BoN lines, the reward-KL plot and the files written.
+marked on them (dominance outside one standard error, paired over the shared prompts:
+frontier.DOMINANCE_RULE), the markdown table with that rule under it, the paired differences against
+BoN(vbon.n), the share-of-BoN lines, the reward-KL plot and the files written.
 
 Writes results.json, results.md and reward_kl.png under train.output_dir/eval, or PREFIX.json/.md/.png
 with `--out PREFIX`; `check_report_location` checks that place before any work. What the numbers are:
@@ -11,11 +13,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vbon_ds.config import ExperimentConfig
-from vbon_ds.core.frontier import pareto_front
+from vbon_ds.core.frontier import (
+    DOMINANCE_RULE,
+    Point,
+    front_counts,
+    kl_difference,
+    reward_difference,
+    significant_front,
+)
 from vbon_ds.engines import distributed
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.runlock import prepare_output_dir
@@ -54,13 +64,30 @@ class EvalRow:
     """Mean evaluation reward (reward.eval_model / eval_function), when one is set."""
     eval_reward_se: float | None = None
     on_front: bool = False
-    """No other row has >= reward (the evaluation reward when set) and <= KL, one of them strictly."""
+    """No other row dominates it (frontier.DOMINANCE_RULE; on the evaluation reward when set)."""
+    prompt_ids: list[str] = field(default_factory=list)
+    """The evaluation prompts behind the means, in the order of `per_prompt`'s lists."""
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)
+    """Per-prompt means of reward, kl (and eval_reward) over prompt_ids: what paired comparisons use."""
+
+
+def front_point(row: EvalRow) -> Point:
+    """The row as a point of the plane the front is taken on: the evaluation reward when it has one."""
+    if row.eval_reward is None:
+        name, reward, reward_se = "reward", row.reward, row.reward_se
+    else:
+        name, reward, reward_se = "eval_reward", row.eval_reward, row.eval_reward_se
+
+    def by_prompt(stat: str) -> dict[str, float]:
+        values = row.per_prompt.get(stat)
+        return {} if values is None else dict(zip(row.prompt_ids, values, strict=True))
+
+    return Point(reward, row.kl, reward_se, row.kl_se, by_prompt(name), by_prompt("kl"))
 
 
 def mark_front(rows: list[EvalRow]) -> list[EvalRow]:
-    """Set on_front on the rows on the reward-KL Pareto front (the evaluation reward when there is one)."""
-    rewards = [row.reward if row.eval_reward is None else row.eval_reward for row in rows]
-    for row, on in zip(rows, pareto_front(rewards, [row.kl for row in rows]), strict=True):
+    """Set on_front on the rows no other row dominates (frontier.DOMINANCE_RULE)."""
+    for row, on in zip(rows, significant_front([front_point(row) for row in rows]), strict=True):
         row.on_front = on
     return rows
 
@@ -101,6 +128,78 @@ def format_table(rows: list[EvalRow]) -> str:
         cells += [_pm(row.log_f, None, 3), "*" if row.on_front else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def front_caption(rows: list[EvalRow]) -> str:
+    """What the table's numbers and its front column mean, under the table."""
+    reward = "evaluation reward" if any(row.eval_reward is not None for row in rows) else "reward"
+    return (
+        f"± one standard error over prompts. front (*): on the Pareto front of {reward} against KL. "
+        f"{DOMINANCE_RULE}"
+    )
+
+
+def paired_against(rows: list[EvalRow], baseline: str) -> str:
+    """A markdown table of each sampled row's reward (the front's) and KL minus the `baseline` row's, with
+    standard errors paired over the shared prompts; empty when there is no such row."""
+    base = next((row for row in rows if row.method == baseline), None)
+    if base is None:
+        return ""
+    lines = [
+        f"| method | temperature | reward - {baseline}'s | KL - {baseline}'s |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.temperature is None:
+            continue
+        point, against = front_point(row), front_point(base)
+        reward, kl = reward_difference(point, against), kl_difference(point, against)
+        lines.append(f"| {row.method} | {row.temperature:g} | {_pm(*reward, 4)} | {_pm(*kl, 3)} |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: list[EvalRow]) -> str:
+    """results.md: the table, its caption (the dominance rule), the paired differences to BoN(vbon.n)."""
+    parts = [format_table(rows), front_caption(rows)]
+    bon_n = _bon_n(rows)
+    paired = paired_against(rows, f"BoN({bon_n})")
+    if paired:
+        parts += [f"Paired over the shared prompts, against BoN({bon_n}) of the cached answers:", paired]
+    return "\n\n".join(parts) + "\n"
+
+
+def method_front_counts(
+    rows: list[EvalRow], method_of: dict[str, str], seed_of: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Per method (`method_of`: run name -> method), its runs, their seeds (`seed_of`) and points (a run at
+    one evaluation temperature), and how many points are on the Pareto front of the trained runs' points
+    alone and on the table's front (which has BoN(n) and the reference too); by frontier.DOMINANCE_RULE."""
+    runs = [row for row in rows if row.run and row.method in method_of]
+    among_runs = significant_front([front_point(row) for row in runs])
+    methods = [method_of[row.method] for row in runs]
+    with_bon = front_counts(methods, [row.on_front for row in runs])
+    counts = []
+    for method, (on, points) in front_counts(methods, among_runs).items():
+        names = list(dict.fromkeys(row.method for row in runs if method_of[row.method] == method))
+        entry = {"method": method, "runs": names, "seeds": [seed_of[name] for name in names]}
+        counts.append(entry | {"points": points, "on_front": on, "on_table_front": with_bon[method][0]})
+    return counts
+
+
+def format_front_counts(counts: list[dict[str, Any]]) -> str:
+    """The front counts as a markdown table, the rule under it."""
+    lines = [
+        "| method | runs (seed) | on the front of the trained runs | on the front with BoN(n), reference |",
+        "|---|---|---|---|",
+    ]
+    for entry in counts:
+        runs = ", ".join(f"{name} ({seed})" for name, seed in zip(entry["runs"], entry["seeds"], strict=True))
+        share = entry["on_front"] / entry["points"]
+        lines.append(
+            f"| {entry['method']} | {runs} | {entry['on_front']} of {entry['points']} ({share:.0%}) | "
+            f"{entry['on_table_front']} of {entry['points']} |"
+        )
+    return "\n".join(lines) + f"\n\nA point is a run at one evaluation temperature. {DOMINANCE_RULE}\n"
 
 
 def share_of_bon_gain(rows: list[EvalRow]) -> list[str]:
@@ -224,7 +323,7 @@ def write_report(cfg: ExperimentConfig, rows: list[EvalRow], prefix: str | Path 
         with writing(paths[0]):
             paths[0].write_text(json.dumps([asdict(r) for r in rows], indent=2))
         with writing(paths[1]):
-            paths[1].write_text(format_table(rows) + "\n")
+            paths[1].write_text(markdown_report(rows))
         with writing(paths[2]):
             plot_reward_kl(rows, paths[2])
     return out

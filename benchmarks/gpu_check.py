@@ -42,13 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def require_cuda() -> None:
+def require_cuda(tool: str = "gpu-check", instead: str = "") -> None:
+    """Exit 2 with one line naming `tool` when there is no CUDA device (`instead`: what to run then)."""
     import torch
 
     if not torch.cuda.is_available():
         print(
-            "gpu-check: no CUDA device (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); run it on a machine with an NVIDIA GPU and a CUDA build of torch",
+            f"{tool}: no CUDA device (torch.cuda.is_available() is False, torch {torch.__version__}); run it "
+            f"on a machine with an NVIDIA GPU and a CUDA build of torch{instead}",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from gpu_check import require_cuda
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP_FILE = REPO / "launch" / "sweep_science.yaml"
@@ -152,18 +153,6 @@ def sized_sweep(size: str, output_dir: Path, path: Path) -> Path:
     return path
 
 
-def require_cuda() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        print(
-            "gpu-science: no CUDA device (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); run it on a machine with an NVIDIA GPU, or use --size laptop on CPU",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
 def device_name() -> str:
     import torch
 
@@ -253,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     args = parse_args(argv)
     if args.size == "gpu":
-        require_cuda()
+        require_cuda("gpu-science", ", or use --size laptop on CPU")
     from vbon_ds.commands.sweep import SweepDriver
     from vbon_ds.commands.sweep_file import load_sweep
     from vbon_ds.config import load_config

@@ -19,15 +19,16 @@ import gpu_check  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
-def test_stops_at_once_without_cuda():
+@pytest.mark.parametrize("script, tool", [("gpu_check.py", "gpu-check"), ("gpu_science.py", "gpu-science")])
+def test_stops_at_once_without_cuda(script, tool):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+        [sys.executable, str(REPO / "benchmarks" / script)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "gpu-check: no CUDA device (torch.cuda.is_available() is False" in proc.stderr
+    assert f"{tool}: no CUDA device (torch.cuda.is_available() is False" in proc.stderr
     assert proc.stdout == ""
 
 

@@ -407,17 +407,6 @@ def test_the_science_sweep_at_a_size_keeps_its_runs_and_adds_the_sizes_overrides
     assert {"vbon.n=8" in o or "vbon.beta=0.1" in o for o in seeds} == {True} and len(seeds) == 2
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without CUDA")
-def test_the_science_sweep_at_gpu_size_stops_at_once_without_cuda():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_science.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "gpu-science: no CUDA device" in proc.stderr
-
-
 @pytest.mark.slow
 def test_the_science_sweep_at_tiny_size_writes_its_table_front_counts_and_block(tmp_path):
     root = tmp_path / "science"

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_evaluate import world_of_one_not_exported
 
 from vbon_ds.config import ExperimentConfig, load_config
 from vbon_ds.data.refcache import (
@@ -433,13 +434,16 @@ def test_refcache_loads_a_model_not_downloaded_yet_before_fingerprinting_it(
     cfg = demo_config("tiny", tmp_path / "run", ["data.max_train_prompts=2", "data.max_eval_prompts=2"])
     events = []
     build_engines, fingerprint = build_refcache.build_engines, build_refcache.cache_fingerprint
-    monkeypatch.setattr(build_refcache, "models_downloaded", lambda cfg: False)  # as a hub id not yet cached
+    monkeypatch.setattr(
+        build_refcache, "local_cache_fingerprint", lambda cfg: None
+    )  # a hub id not yet cached
     monkeypatch.setattr(
         build_refcache, "build_engines", lambda *a, **k: events.append("load") or build_engines(*a, **k)
     )
     monkeypatch.setattr(
         build_refcache, "cache_fingerprint", lambda cfg: events.append("fingerprint") or fingerprint(cfg)
     )
-    summary = build_refcache.run(cfg)
+    with world_of_one_not_exported():  # later tests' launchers must not inherit this world's MASTER_PORT
+        summary = build_refcache.run(cfg)
     assert events == ["load", "fingerprint"]  # loading downloads it; the loaded engines then sample
     assert summary.num_prompts == len(open_refcache(cfg))

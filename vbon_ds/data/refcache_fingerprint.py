@@ -89,13 +89,13 @@ def models_content(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def models_downloaded(cfg: ExperimentConfig) -> bool:
-    """Whether every model of the cache's fingerprint is local (a path, or a hub id already downloaded)."""
+def local_cache_fingerprint(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """`cache_fingerprint(cfg)`, or None while some model of it is a hub id not downloaded yet (its content
+    is known once loading has downloaded it)."""
     try:
-        models_content(cfg)
+        return cache_fingerprint(cfg)
     except ModelNotDownloaded:
-        return False
-    return True
+        return None
 
 
 def cache_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:

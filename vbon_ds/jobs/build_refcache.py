@@ -26,7 +26,7 @@ from vbon_ds.data.refcache import (
     refcache_dir,
     validate_cache,
 )
-from vbon_ds.data.refcache_fingerprint import cache_fingerprint, models_downloaded
+from vbon_ds.data.refcache_fingerprint import cache_fingerprint, local_cache_fingerprint
 from vbon_ds.engines import distributed
 from vbon_ds.engines.build import build_engines
 from vbon_ds.errors import VbonError
@@ -72,13 +72,14 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
     m = cfg.vbon.num_ref_samples
     # A hub model not downloaded yet has no known content: loading it downloads it. Ranks decide together,
     # so that all of them build the engines (collectives) or none.
-    engines = None
-    if not all(distributed.all_gather_object(models_downloaded(cfg))):
+    engines, fingerprint = None, local_cache_fingerprint(cfg)  # the digests read once
+    if not all(distributed.all_gather_object(fingerprint is not None)):
         engines = build_engines(cfg, reference=True, scorer=True)
+        fingerprint = cache_fingerprint(cfg)
     # The writer checks the fingerprint before anything is sampled; then every rank sees the same done set.
     writer = RefCacheWriter(
         root,
-        cache_fingerprint(cfg),
+        fingerprint,
         rank=writer_id,
         chunk_size=cfg.train.refcache_shard_prompts,
     )

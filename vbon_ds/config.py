@@ -187,6 +187,20 @@ class GenerationConfig:
     """Answers sampled per evaluation prompt at each evaluation temperature."""
     eval_temperatures: list[float] = field(default_factory=lambda: [0.7])
     """Sampling temperatures at which `vbon evaluate` reports reward and KL."""
+    engine: str = choice("auto", "auto", "hf", "vllm")
+    """Sampler: hf (transformers generate) or vllm (in-process, per rank); auto: vllm on GPU if installed."""
+    vllm_dtype: str = choice("auto", "auto", "float32", "bfloat16", "float16")
+    """vLLM's weights and logits; auto: the trainer's dtype (its log-probs can then be the old ones)."""
+    vllm_gpu_memory_utilization: float = bounded(0.3, 0.0, 1.0, open_low=True)
+    """GPU: fraction of the card vLLM takes for weights and KV cache (`vbon plan` counts it)."""
+    vllm_kv_cache_gb: float = bounded(0.0, 0.0)
+    """CPU: vLLM's KV cache in GiB; 0: sized from batch_size and the prompt and answer lengths."""
+    vllm_tensor_parallel_size: int = bounded(1, 1)
+    """Ranks (GPUs of one node) that share one vLLM engine, for a model that does not fit one GPU."""
+    vllm_sleep: bool = True
+    """GPU: free vLLM's KV cache and offload its weights during the update (sleep mode)."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM without CUDA graphs / torch.compile (faster start, slower sampling); always on CPU."""
 
 
 @dataclass

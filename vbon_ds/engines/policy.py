@@ -49,6 +49,9 @@ class Rollout:
     top-k/top-p (softmax(logits / temperature)), 0 where `response_mask` is 0; None when not recorded."""
     sampled_entropy: torch.Tensor | None = None
     """[B, R] entropy of that distribution at each response position, like `sampled_logprobs`."""
+    sampler_dtype: torch.dtype | None = None
+    """The precision the sampling engine computed its logits in (None when no log-probs were recorded): a
+    sampler in another precision than the trainer draws from a slightly different policy."""
 
     @property
     def responses(self) -> torch.Tensor:

@@ -402,9 +402,12 @@ def test_mean_log_f_puts_cut_off_answers_at_the_bottom(tmp_path, monkeypatch):
     scored = SimpleNamespace(rollout=rollout, rewards=rewards, responses=["a"] * 4)
     monkeypatch.setattr(evaluate, "sample_and_score", lambda *args, **kwargs: scored)
     monkeypatch.setattr(evaluate, "policy_logprobs", lambda policy, batch, *rest: torch.zeros(4, 2))
-    ctx = evaluate.Context(cfg, SimpleNamespace(reference=None, scorer=None, tokenizer=None), None, None, 2)
+    engines = SimpleNamespace(
+        actor=None, reference=None, scorer=None, tokenizer=None, sampler=lambda role: None
+    )
+    ctx = evaluate.Context(cfg, engines, None, None, 2)
     ctx.cache = SimpleNamespace(rewards_for=lambda ids: refs)
-    (row,) = evaluate.policy_rows(ctx, None, evaluate.Policy("policy"))
+    (row,) = evaluate.policy_rows(ctx, "actor", evaluate.Policy("policy"))
     bottom = -math.log(7)
     expected = [bottom, math.log((1 + 3) / 7), bottom, math.log((1 + 5) / 7)]
     assert row.log_f == pytest.approx(statistics.fmean(expected), abs=1e-6)

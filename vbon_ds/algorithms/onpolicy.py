@@ -137,7 +137,7 @@ def old_logprobs_from_sampling(cfg: ExperimentConfig, actor_dtype: torch.dtype) 
 def rollout(engines: Engines, cfg: ExperimentConfig, prompts: Sequence[str]) -> ScoredRollout:
     """The actor answers each entry of `prompts` once and the reward scores the answers."""
     return sample_and_score(
-        engines.actor,
+        engines.sampler("actor"),
         engines.scorer,
         engines.tokenizer,
         prompts,

@@ -15,8 +15,10 @@ from transformers import PreTrainedTokenizerBase
 from vbon_ds.config import GenerationConfig
 from vbon_ds.data.tldr import fit_prompts
 from vbon_ds.engines import distributed
+from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine, Rollout
 from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.engines.vllm_sampler import VllmSampler
 
 
 def shard_evenly(items: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:
@@ -110,7 +112,7 @@ class ScoredRollout:
 
 
 def sample_and_score(
-    policy: PolicyEngine,
+    policy: PolicyEngine | AdapterReference | VllmSampler,
     scorer: RewardScorer,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -125,9 +127,11 @@ def sample_and_score(
     `max_prompt_tokens` loses the end of its post, cut at a newline (`tldr.fit_prompts`), for both.
     `record_logprobs`: keep the sampled tokens' log-probs (PolicyEngine.generate)."""
     prompts = fit_prompts(prompts, tokenizer, max_prompt_tokens)
+    # vLLM schedules its own batches (`batches_internally`); generate runs gen.batch_size answers at a time.
+    per_call = len(prompts) if getattr(policy, "batches_internally", False) else gen.batch_size
     parts = []
-    for start in range(0, len(prompts), gen.batch_size):
-        ids, mask = encode_prompts(tokenizer, prompts[start : start + gen.batch_size], max_prompt_tokens)
+    for start in range(0, len(prompts), per_call):
+        ids, mask = encode_prompts(tokenizer, prompts[start : start + per_call], max_prompt_tokens)
         parts.append(
             policy.generate(
                 ids,

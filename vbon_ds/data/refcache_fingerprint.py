@@ -21,9 +21,10 @@ from vbon_ds.config import ExperimentConfig, RewardConfig
 from vbon_ds.data.rewards import get_reward_function
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.models.content_digest import ModelNotDownloaded, checkpoint_content
+from vbon_ds.models.sampler_choice import sampling_precision
 
-# 3: fingerprint.json records the models' content (model_content); 2 recorded their paths only.
-FORMAT_VERSION = 3
+# 4: it records the sampler's precision; 3: the models' content (model_content); 2: their paths only.
+FORMAT_VERSION = 4
 FINGERPRINT_FILE = "fingerprint.json"
 # Where to put a cache made under new settings: train.refcache_dir names it, whether set or not.
 ANOTHER_CACHE = "set train.refcache_dir to another directory"
@@ -47,6 +48,9 @@ def fingerprint_from_config(cfg: ExperimentConfig) -> dict[str, Any]:
         "temperature": gen.temperature,
         "top_p": gen.top_p,
         "top_k": gen.top_k,
+        # The engine (hf or vllm) is not recorded: both sample softmax(logits / T) of the same weights, and
+        # the logits' precision is what changes the distribution (a bf16 sampler is another policy).
+        "sampling_precision": sampling_precision(cfg),
         "num_ref_samples": cfg.vbon.num_ref_samples,
     }
 
@@ -133,8 +137,13 @@ def load_fingerprint(root: Path) -> dict[str, Any]:
         raise VbonError(f"{path} is corrupt (not a JSON object); delete {root} to rebuild the cache")
     version = stored.get("format_version")
     if version != FORMAT_VERSION:
-        # Version 2 recorded the models' paths, not their content: its samples cannot be tied to the models.
-        why = " (it does not record the models' content)" if version == 2 else ""
+        # Older versions lack something the samples depend on: they cannot be tied to the models or sampler.
+        lacks = (
+            {2: "the models' content", 3: "the sampler's precision"}.get(version)
+            if isinstance(version, int)
+            else None
+        )
+        why = f" (it does not record {lacks})" if lacks else ""
         raise VbonError(
             f"the reference cache in {root} has format version {version}, this vbon_ds reads version "
             f"{FORMAT_VERSION}{why}; delete {root} to rebuild it"

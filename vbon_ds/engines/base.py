@@ -73,6 +73,8 @@ class DeepSpeedModel:
         # transformers reads ZeRO-3 settings through a weak reference to this object (generate, save paths):
         # keep it alive exactly as long as the engine.
         self._hf_ds_config = hf_ds_config
+        self.weights_version = 0
+        """Counts the changes of the weights (optimizer steps, loads): samplers holding a copy compare it."""
 
     @property
     def zero3(self) -> bool:
@@ -107,6 +109,7 @@ class DeepSpeedModel:
         """Optimizer and LR step at a gradient-accumulation boundary (DeepSpeed counts micro-batches)."""
         self._require_trainable("step")
         self.ds.step()
+        self.weights_version += 1
 
     def current_lr(self) -> float:
         self._require_trainable("current_lr")

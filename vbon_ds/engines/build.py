@@ -13,12 +13,12 @@ whatever the training batch fields say.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from vbon_ds.batching import BatchSizes, batch_sizes, inference_batch_sizes
-from vbon_ds.config import ExperimentConfig
+from vbon_ds.config import ExperimentConfig, GenerationConfig
 from vbon_ds.engines import distributed
 from vbon_ds.engines.builders import (
     build_actor,
@@ -31,7 +31,9 @@ from vbon_ds.engines.critic import CriticEngine
 from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
+from vbon_ds.engines.vllm_sampler import VllmSampler
 from vbon_ds.kernels import set_backend
+from vbon_ds.models.sampler_choice import resolved_engine
 
 
 @dataclass
@@ -44,6 +46,29 @@ class Engines:
     reference: PolicyEngine | AdapterReference | None = None
     scorer: RewardScorer | None = None
     critic: CriticEngine | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_prompt_tokens: int = 512
+    samplers: dict[str, VllmSampler] = field(default_factory=dict)
+    """The vLLM engines started so far, by role (generation.engine=vllm)."""
+
+    def sampler(self, role: str) -> PolicyEngine | AdapterReference | VllmSampler:
+        """What samples answers of `role` ("actor" or "reference"): the engine itself (generate), or with
+        generation.engine=vllm a vLLM engine following its weights, started on first use (on every rank)."""
+        engine = getattr(self, role)
+        if resolved_engine(self.generation) != "vllm":
+            return engine
+        if role not in self.samplers:
+            self.samplers[role] = VllmSampler(
+                engine, self.generation, max_prompt_tokens=self.max_prompt_tokens
+            )
+        return self.samplers[role]
+
+    def weight_sync_seconds(self) -> float:
+        """Seconds spent pushing weights into vLLM engines since the last call."""
+        seconds = sum(sampler.sync_seconds for sampler in self.samplers.values())
+        for sampler in self.samplers.values():
+            sampler.sync_seconds = 0.0
+        return seconds
 
     def trainable(self) -> dict[str, PolicyEngine | CriticEngine]:
         """The engines a checkpoint saves and restores, by name."""
@@ -89,4 +114,6 @@ def build_engines(
         reference=build_reference(cfg, sizes, tokenizer, policy) if reference else None,
         scorer=build_reward(cfg, sizes) if scorer else None,
         critic=build_critic(cfg, sizes, tokenizer) if critic else None,
+        generation=cfg.generation,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
     )

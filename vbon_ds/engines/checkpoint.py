@@ -180,6 +180,7 @@ def load_checkpoint(path: str | Path, engines: dict[str, DeepSpeedModel]) -> dic
             ) from err
         if load_path is None:
             raise VbonError(f"checkpoint {step_dir / name} could not be loaded by DeepSpeed")
+        engine.weights_version += 1
     rng_file = rng_path(step_dir, distributed.rank())
     if rng_file.is_file():  # absent when resuming on more ranks than saved: fresh streams there
         _set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))

@@ -153,3 +153,34 @@ def all_reduce_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def tensor_parallel_group(size: int) -> Any:
+    """The process group of this rank's `size` consecutive ranks (one node's ranks sharing one vLLM engine);
+    None for size 1. Every rank must call it (each group is made by all ranks)."""
+    if size == 1:
+        return None
+    world, local = world_size(), local_world_size()
+    if world % size or local % size:
+        raise VbonError(
+            f"generation.vllm_tensor_parallel_size: {size} must divide the ranks of a node ({local}) and of "
+            f"the job ({world})"
+        )
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+    return groups[rank() // size]
+
+
+def tensor_parallel_requests(
+    group: Any, prompts: list[list[int]], seeds: list[int]
+) -> tuple[list[list[int]], list[int], slice]:
+    """Every rank's prompts and seeds of the tensor-parallel `group`, in rank order, and this rank's slice
+    of them: the ranks of one engine submit the same requests."""
+    parts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (prompts, seeds), group=group)
+    mine = dist.get_group_rank(group, rank())
+    start = sum(len(p) for p, _ in parts[:mine])
+    return (
+        [p for part, _ in parts for p in part],
+        [s for _, part in parts for s in part],
+        slice(start, start + len(prompts)),
+    )

@@ -66,10 +66,11 @@ def finish_rollout(
     eos_ids: list[int],
     pad_id: int,
     response_length: int,
-    recorded: SampledTokenLogprobs | None = None,
+    sampled: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    sampler_dtype: torch.dtype | None = None,
 ) -> Rollout:
-    """Masks of `generate`'s output, padded to `response_length` response tokens (with the log-probs and
-    entropies `recorded` during generation, if any)."""
+    """Masks of a sampler's output, padded to `response_length` response tokens, with the ([B, R'] log-probs,
+    entropies or None) `sampled` recorded while sampling, if any, in `sampler_dtype`."""
     prompt_length = prompt_mask.shape[1]
     response = sequences[:, prompt_length:]
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
@@ -79,19 +80,19 @@ def finish_rollout(
     pad = response_length - response.shape[1]
     response = torch.nn.functional.pad(response, (0, pad), value=pad_id)
     response_mask = torch.nn.functional.pad(response_mask, (0, pad), value=0)
-    sampled = [None, None]
-    if recorded is not None:
-        sampled = [
-            torch.nn.functional.pad(values, (0, pad)) * response_mask for values in recorded.result(sequences)
-        ]
+    recorded = [
+        None if values is None else torch.nn.functional.pad(values, (0, pad)) * response_mask
+        for values in (sampled or (None, None))
+    ]
     return Rollout(
         sequences=torch.cat([sequences[:, :prompt_length], response], dim=1),
         attention_mask=torch.cat([prompt_mask.long(), response_mask], dim=1),
         response_mask=response_mask,
         prompt_length=prompt_length,
         ended_with_eos=is_eos.any(dim=1),
-        sampled_logprobs=sampled[0],
-        sampled_entropy=sampled[1],
+        sampled_logprobs=recorded[0],
+        sampled_entropy=recorded[1],
+        sampler_dtype=sampler_dtype if sampled else None,
     )
 
 
@@ -344,7 +345,8 @@ class PolicyEngine(DeepSpeedModel):
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
             response_length=distributed.all_reduce_max(generated),
-            recorded=recorded,
+            sampled=recorded.result(sequences) if recorded else None,
+            sampler_dtype=self.dtype,
         )
 
     def response_logprobs(

@@ -47,6 +47,7 @@ def load_trained_weights(engine: DeepSpeedModel, engine_dir: str | Path) -> None
     if not engine.zero3 and distributed.world_size() > 1:
         for param in params.values():  # below ZeRO-3 every rank holds the whole model: send rank 0's copy
             torch.distributed.broadcast(param.data, src=0)
+    engine.weights_version += 1
     distributed.barrier()
 
 

@@ -106,7 +106,7 @@ def _fill(cfg: ExperimentConfig, part: tuple[int, int]) -> CacheSummary:
             chunk = mine[start : start + prompts_per_call]
             repeated = [prompts.texts[i] for i in chunk for _ in range(m)]
             scored = sample_and_score(
-                engines.reference,
+                engines.sampler("reference"),
                 engines.scorer,
                 engines.tokenizer,
                 repeated,

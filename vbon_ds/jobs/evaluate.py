@@ -46,7 +46,6 @@ from vbon_ds.engines.build import Engines, build_engines
 from vbon_ds.engines.builders import build_reward
 from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint
 from vbon_ds.engines.lora import AdapterReference
-from vbon_ds.engines.policy import PolicyEngine
 from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.engines.run_settings import check_resume_compatible, recorded_settings, weights_settings
 from vbon_ds.engines.weights import load_trained_weights
@@ -194,10 +193,11 @@ def penalised_ended(
 
 
 @torch.no_grad()
-def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow]:
-    """Sample `policy` generation.eval_samples times per evaluation prompt at every eval temperature; KL is
-    against the reference at the cache's temperature."""
+def policy_rows(ctx: Context, role: str, who: Policy) -> list[EvalRow]:
+    """Sample the `role` engine ("actor" or "reference") generation.eval_samples times per evaluation
+    prompt at every eval temperature; KL is against the reference at the cache's temperature."""
     cfg, engines = ctx.cfg, ctx.engines
+    policy = getattr(engines, role)
     prompts = load_prompts(cfg.data, "eval")
     k = cfg.generation.eval_samples
     mine, real = shard_evenly(list(range(len(prompts))), distributed.rank(), distributed.world_size())
@@ -209,7 +209,7 @@ def policy_rows(ctx: Context, policy: PolicyEngine, who: Policy) -> list[EvalRow
     for index, temperature in enumerate(cfg.generation.eval_temperatures):
         seed_sampling(cfg, index)
         scored = sample_and_score(
-            policy,
+            engines.sampler(role),
             engines.scorer,
             engines.tokenizer,
             prompt_texts,
@@ -279,11 +279,11 @@ def evaluate(
     the actor, None: the actor as it is; default: the actor as "policy")."""
     ctx = context(cfg, engines)
     rows = bon_rows(ctx, load_prompts(cfg.data, "eval").ids)
-    rows += policy_rows(ctx, engines.reference, Policy(FRESH_REFERENCE))
+    rows += policy_rows(ctx, "reference", Policy(FRESH_REFERENCE))
     for who, checkpoint in runs if runs is not None else [(Policy("policy"), None)]:
         if checkpoint is not None:
             load_trained_weights(engines.actor, checkpoint / "actor")
-        rows += policy_rows(ctx, engines.actor, who)
+        rows += policy_rows(ctx, "actor", who)
     return mark_front(rows)
 
 

@@ -203,6 +203,8 @@ class Trainer:
         skipped = stats.pop("train/skipped_micro_batches")
         stats["train/lr"] = self.engines.actor.current_lr()
         stats["time/step"] = time.perf_counter() - t0
+        if self.engines.samplers:  # generation.engine=vllm: pushing the actor's weights into its engine
+            stats["time/weight_sync"] = self.engines.weight_sync_seconds()
         stats["perf/samples_per_sec"] = self.engines.sizes.rollout_samples / stats["time/step"]
         stats = mean_over_ranks(stats)
         return stats, f"non-finite loss in {skipped:.0f} micro-batches" if skipped else ""

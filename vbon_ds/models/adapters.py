@@ -109,21 +109,28 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def merge_lora(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state_dict` of `model` with each LoRA layer folded into its base weight (W + scale * B @ A) and the
-    adapter keys gone: the keys and shapes of the plain model. Unchanged without LoRA."""
+def merge_lora(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, adapters_on: bool = True
+) -> dict[str, torch.Tensor]:
+    """`state_dict` of `model` (or of some of its blocks) with each LoRA layer in it folded into its base
+    weight (W + scale * B @ A; W alone with `adapters_on` False: the reference) and the adapter keys gone:
+    the keys and shapes of the plain model. Unchanged without LoRA."""
     merged = dict(state_dict)
     for name, module in lora_layers(model).items():
+        if f"{name}.lora_A.{ADAPTER}.weight" not in merged:  # a block of the model without this layer
+            continue
         lora_a, lora_b = (
             merged.pop(f"{name}.lora_A.{ADAPTER}.weight"),
             merged.pop(f"{name}.lora_B.{ADAPTER}.weight"),
         )
-        delta = (lora_b.float() @ lora_a.float()) * module.scaling[ADAPTER]
-        if module.fan_in_fan_out:  # GPT-2's Conv1D stores weights as [in, out]
-            delta = delta.T
         prefix = f"{name}.base_layer."
         for key in [k for k in merged if k.startswith(prefix)]:
             merged[f"{name}.{key[len(prefix) :]}"] = merged.pop(key)
+        if not adapters_on:
+            continue
+        delta = (lora_b.float() @ lora_a.float()) * module.scaling[ADAPTER]
+        if module.fan_in_fan_out:  # GPT-2's Conv1D stores weights as [in, out]
+            delta = delta.T
         weight = merged[f"{name}.weight"]
         merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
     return merged

@@ -116,7 +116,8 @@ def demo_config(
             from vbon_ds.models.tiny_models import SENTENCES, make_tiny_causal_lm
 
             prompts = load_prompts(load_config(None, [f"data.source={DEMO_PROMPTS}"]).data, "train").texts
-            make_tiny_causal_lm(model_dir, corpus=[*SENTENCES, *prompts])
+            # One head of 32 channels: vLLM's CPU attention (generation.engine=vllm) needs heads >= 32.
+            make_tiny_causal_lm(model_dir, corpus=[*SENTENCES, *prompts], heads=1)
         distributed.barrier()
     else:
         model_dir = smollm2_dir()

@@ -79,10 +79,10 @@ class _PooledEngine:
 
 
 _POOL: list[_PooledEngine] = []
-"""Every vLLM engine this process started. They live as long as the process: a vLLM engine that shuts
-down destroys the default process group (the job's) and the parallel state every vLLM engine here shares,
-so a sampler that is dropped (e.g. the reference cache's, before training starts) leaves its engine to the
-next sampler started with the same settings, which pushes its own weights into it."""
+"""Every vLLM engine this process started. They live as long as the process and are never shut down: a
+vLLM engine's shutdown destroys the default process group (the job's) and the parallel state every vLLM
+engine here shares. A sampler that is dropped (e.g. the reference cache's, before training starts) leaves
+its engine to the next sampler started with the same settings, which pushes its own weights into it."""
 
 
 def _pooled_engine(sampler: VllmSampler, settings: dict[str, Any], start: Callable[[], Any]) -> Any:
@@ -154,7 +154,7 @@ class VllmSampler:
 
         def start() -> Any:
             with _random_state_kept():
-                return vllm.LLM(
+                llm = vllm.LLM(
                     model=self._config_dir,
                     skip_tokenizer_init=True,
                     load_format="dummy",  # the weights come from the policy engine (`_sync`)
@@ -164,6 +164,11 @@ class VllmSampler:
                     seed=0,  # unused: every request carries its own seed
                     **{key: value for key, value in settings.items() if key != "model"},
                 )
+            # Its shutdown at exit would destroy the job's process group behind `vbon`'s own teardown.
+            finalizer = getattr(llm.llm_engine.engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            return llm
 
         return _pooled_engine(self, settings, start)
 

@@ -132,19 +132,19 @@ def _model_vocab(tok: PreTrainedTokenizerFast, tokenizer: str) -> int:
 
 
 def tiny_config(
-    arch: str, vocab_size: int, eos_id: int, n_layer: int = 2, width: int = 32
+    arch: str, vocab_size: int, eos_id: int, n_layer: int = 2, width: int = 32, heads: int = 4
 ) -> PretrainedConfig:
-    """A GPT-2, LLaMA, GPT-NeoX (Pythia), OPT, Granite, Cohere or Falcon-H1 config of `n_layer` layers and
-    `width` channels."""
+    """A GPT-2, LLaMA, GPT-NeoX (Pythia), OPT, Granite, Cohere or Falcon-H1 config of `n_layer` layers,
+    `width` channels and `heads` attention heads (vLLM's CPU attention needs width / heads >= 32)."""
     if arch == "gpt_neox":  # Pythia's layout: parallel residual, rotary on a quarter of each head, no pad
         return GPTNeoXConfig(
             vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=n_layer,
-            num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=2048,
-            tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
+            num_attention_heads=heads, rotary_pct=0.25, use_parallel_residual=True,
+            max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id,
         )  # fmt: skip
     if arch == "gpt2":
         return GPT2Config(
-            vocab_size=vocab_size, n_positions=128, n_embd=width, n_layer=n_layer, n_head=4,
+            vocab_size=vocab_size, n_positions=128, n_embd=width, n_layer=n_layer, n_head=heads,
             bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         )  # fmt: skip
     # Granite and Cohere: LLaMA's layout with the logits divided by logits_scaling / times logit_scale.
@@ -152,13 +152,13 @@ def tiny_config(
     if arch in llama_like:
         return llama_like[arch](
             vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=n_layer,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=128,
             tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         )  # fmt: skip
     if arch == "opt":
         return OPTConfig(
             vocab_size=vocab_size, hidden_size=width, ffn_dim=4 * width, num_hidden_layers=n_layer,
-            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=width,
+            num_attention_heads=heads, max_position_embeddings=128, word_embed_proj_dim=width,
             bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         )  # fmt: skip
     if arch == "falcon_h1":  # attention and Mamba-2 mixers side by side; logits x lm_head_multiplier
@@ -179,6 +179,7 @@ def make_tiny_causal_lm(
     *,
     n_layer: int = 2,
     width: int = 32,
+    heads: int = 4,
     seed: int = 0,
     vocab_size: int = 300,
     corpus: Sequence[str] = SENTENCES,
@@ -190,7 +191,7 @@ def make_tiny_causal_lm(
     out_dir = Path(out_dir)
     tok = _make_tokenizer(out_dir, tokenizer, vocab_size, corpus)
     torch.manual_seed(seed)
-    config = tiny_config(arch, _model_vocab(tok, tokenizer), tok.eos_token_id, n_layer, width)
+    config = tiny_config(arch, _model_vocab(tok, tokenizer), tok.eos_token_id, n_layer, width, heads)
     config.update(config_overrides or {})
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out_dir))
     return out_dir

@@ -101,9 +101,32 @@ def check(workdir: Path, variant: str, rank_prompts: list[str]) -> dict[str, flo
     return result
 
 
+def first_token_counts(workdir: Path, samples: int) -> dict[str, list[float]]:
+    """`samples` first answer tokens of one prompt from vLLM, and softmax(logits / T) of the frozen
+    reference engine at that position: what a chi-square test compares."""
+    cfg = load_config(
+        None,
+        [f"model.actor={workdir / 'actor'}", "generation.engine=vllm", "generation.max_new_tokens=1"],
+    )
+    engines = build_engines(cfg, reference=True)
+    ids, mask = encode_prompts(engines.tokenizer, [SENTENCES[0]] * samples, 32)
+    torch.manual_seed(0)
+    rollout = engines.sampler("reference").generate(ids, mask, temperature=TEMPERATURE, max_new_tokens=1)
+    first = rollout.responses[:, 0]
+    counts = torch.bincount(first, minlength=len(engines.tokenizer)).double()
+    with torch.no_grad():  # a world of one: the engine's module holds its whole weights
+        logits = engines.reference.module(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1]
+    probs = torch.softmax(logits.double() / TEMPERATURE, -1)
+    return {"counts": counts.tolist(), "probs": probs[: len(counts)].tolist()}
+
+
 def main(workdir: Path, variants: list[str]) -> None:
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
+    if variants[0].startswith("first_token="):
+        samples = int(variants[0].split("=")[1])
+        (workdir / "first_token.json").write_text(json.dumps(first_token_counts(workdir, samples)))
+        return
     prompts = [SENTENCES[(rank + i) % len(SENTENCES)] for i in range(2 + rank)]  # ranks: other counts
     results = {"world_size": world} | {variant: check(workdir, variant, prompts) for variant in variants}
     if rank == 0:

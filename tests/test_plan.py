@@ -1,5 +1,6 @@
 """`vbon plan`: CLI exit codes and verdict, offload and LoRA in the arithmetic, the offline Pythia table, the
-engines and phases of each algorithm, DeepSpeed's own estimators and the bytes 2-rank ZeRO-2/3 engines hold.
+engines and phases of each algorithm, vLLM's share of the card, DeepSpeed's own estimators and the bytes
+2-rank ZeRO-2/3 engines hold; the work (answers, tokens, hours) counted by hand on a tiny run.
 (Exact agreement with measured ZeRO-3 partitions under partial training: tests/test_engines.py.)"""
 
 import json
@@ -15,9 +16,10 @@ from test_engines import run_two_ranks
 from transformers import AutoModelForCausalLM
 
 from vbon_ds.algorithms.registry import training_memory_plan
+from vbon_ds.algorithms.work_plan import ASSUMED_TOKENS_PER_SECOND, format_work, work_plan
 from vbon_ds.cli import PLAN_DOES_NOT_FIT, main
 from vbon_ds.config import load_config
-from vbon_ds.engines.memory_plan import GIB, PYTHIA, pythia_config
+from vbon_ds.engines.memory_plan import GIB, PYTHIA, format_plan, pythia_config
 from vbon_ds.models.tiny_models import make_tiny_causal_lm, make_tiny_reward_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +134,7 @@ def test_engines_and_phases_are_those_the_algorithm_runs(models, algo, engines, 
         f"reward.model={reward}",
         f"algo.name={algo}",
         "algo.samples_per_prompt=2",
+        "generation.engine=hf",
     ]
     plan = training_memory_plan(load_config(None, overrides), 2)
     assert [e.name for e in plan.engines] == engines
@@ -234,3 +237,170 @@ def test_model_states_are_the_bytes_zero2_and_zero3_ranks_hold(tmp_path, monkeyp
                 "optimizer": rank["master"] + rank["adam"]
             }
             assert planned == held, stage
+
+
+# ---------------------------------------------------------------- the work: answers, tokens, hours
+
+
+@pytest.fixture
+def prompt_dir(tmp_path):
+    """12 training prompts and 3 evaluation prompts, one of them (id p0) also a training prompt."""
+    root = tmp_path / "prompts"
+    root.mkdir()
+    rows = {"train": [f"p{i}" for i in range(12)], "validation": ["p0", "v1", "v2"]}
+    for split, ids in rows.items():
+        lines = [json.dumps({"id": i, "prompt": f"prompt {i}"}) for i in ids]
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _work_overrides(models, prompt_dir) -> list[str]:
+    actor, _ = models
+    return [
+        f"model.actor={actor}",
+        f"data.source={prompt_dir}",
+        "data.max_train_prompts=10",
+        "data.max_prompt_tokens=7",
+        "generation.max_new_tokens=5",
+        "generation.eval_samples=3",
+        "generation.eval_temperatures=[0.5,1.0]",
+        "vbon.num_ref_samples=6",
+        "reward.function=vowel_ratio",
+        "algo.name=rloo",
+        "algo.samples_per_prompt=2",
+        "algo.ppo_epochs=2",
+        "train.steps=3",
+        "train.prompts_per_step=4",
+        "train.micro_batch_size=2",
+    ]
+
+
+def test_work_of_a_tiny_run_counted_by_hand(models, prompt_dir):
+    work = work_plan(load_config(None, _work_overrides(models, prompt_dir)))
+    assert (work.train.count, work.eval.count, work.train.exact) == (10, 3, True)
+    assert work.cache_prompts == 10 + 3 - 1  # p0 is cached once
+    answers = {job.job.split(" (")[0]: (job.answers, job.tokens) for job in work.jobs}
+    assert answers == {
+        "reference cache": (12 * 6, 12 * 6 * 5),
+        "training rollouts": (3 * 4 * 2, 3 * 4 * 2 * 5),
+        "evaluation": (2 * 3 * 3 * 2, 2 * 3 * 3 * 2 * 5),  # reference and policy, 3 prompts, 3 samples, 2 T
+    }
+    assert work.sequence_tokens == 7 + 5
+    assert work.per_step == {  # 4 prompts x K=2 answers; bf16 on a GPU: the old log-probs are a forward
+        "actor forward+backward (2 epochs)": 2 * 8,
+        "actor forward (old log-probs)": 8,
+        "reference forward": 8,
+    }
+    assert not work.notes  # 10 training prompts, 12 draws
+
+
+def test_ppo_adds_the_critic_and_the_reward_model(models, prompt_dir):
+    _, reward = models
+    overrides = [*_work_overrides(models, prompt_dir), "algo.name=ppo", f"reward.model={reward}"]
+    work = work_plan(load_config(None, [*overrides, "reward.function=", "algo.old_logprobs=sampling"]))
+    assert work.per_step == {
+        "actor forward+backward (2 epochs)": 16,
+        "reference forward": 8,
+        "critic forward (values)": 8,
+        "critic forward+backward (2 epochs)": 16,
+        "reward model forward": 8,
+    }
+
+
+@pytest.mark.parametrize("algo, rows", [("bon_sft", 1), ("dpo", 2), ("bonbon", 2)])
+def test_offline_algorithms_generate_nothing_in_training(models, prompt_dir, algo, rows):
+    overrides = [*_work_overrides(models, prompt_dir), f"algo.name={algo}", "algo.subsets_per_prompt=3"]
+    work = work_plan(
+        load_config(None, [*overrides, "algo.offline_epochs=2", "data.max_train_prompts=0", "vbon.n=4"])
+    )
+    assert [job.job.split(" (")[0] for job in work.jobs] == ["reference cache", "evaluation"]
+    sequences = 4 * 3 * rows  # prompts x N-subsets x answers each subset trains on
+    assert work.per_step == {
+        "actor forward+backward (2 epochs)": 2 * sequences,
+        "reference forward (at most: once per cached answer, then kept)": sequences,
+    }
+    assert f"{algo}: no rollouts; training reads the reference cache's answers" in work.notes
+    # All 12 training prompts are cached, 12 draws: still no prompt cached in vain.
+    assert work.cache_prompts == 12 + 3 - 1 and not any("draws" in n for n in work.notes)
+
+
+def test_a_cache_larger_than_the_draws_and_a_hub_source_are_named(models, prompt_dir):
+    overrides = _work_overrides(models, prompt_dir)
+    larger = work_plan(load_config(None, [*overrides, "train.steps=2"]))  # 8 draws of 10 prompts
+    assert "data.max_train_prompts=8 caches only the prompts the run can use" in larger.notes[0]
+    hub = work_plan(load_config(None, [*overrides, "data.source=someone/not-downloaded"]))
+    assert (hub.train.count, hub.train.exact, hub.cache_prompts) == (10, False, None)
+    assert hub.eval.count is None and "not downloaded; set data.max_eval_prompts" in hub.eval.how
+    assert "| reference cache (`vbon refcache`) | unknown |" in format_work(hub, 1, None)
+
+
+def test_cli_prints_the_work_with_hours_at_the_given_rate(models, prompt_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {output_dir: " + str(tmp_path / "run") + "}\n")
+    args = ["plan", "--config", str(config), "--world-size", "2"]
+    args += [arg for o in _work_overrides(models, prompt_dir) for arg in ("--set", o)]
+    assert main([*args, "--tokens-per-second", "0.01"]) == 0
+    out = capsys.readouterr().out
+    hours = 12 * 6 * 5 / (0.01 * 2) / 3600
+    assert f"| reference cache (`vbon refcache`) | 12 | 12 x M=6 = 72 | 360 | {hours:.2f} |" in out
+    assert "at 0.01 generated tokens/s per GPU (--tokens-per-second)" in out
+    assert main(args) == 0  # the default: the sampler's rate, labelled an assumption
+    out = capsys.readouterr().out
+    assert f"at {ASSUMED_TOKENS_PER_SECOND['vllm']:g} generated tokens/s per GPU (ASSUMED for vllm" in out
+    assert "sampler: vllm, generation.engine=auto, assumed vllm" in out
+
+
+@pytest.mark.parametrize("rate", ["-3", "0", "nan", "inf", "fast"])
+def test_plan_refuses_a_rate_that_is_not_a_positive_number(rate, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", "launch/tldr_vbon.yaml", "--world-size", "8", "--tokens-per-second", rate])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (
+        f"argument --tokens-per-second: expected generated tokens per second per GPU (> 0), got {rate!r}"
+        in err
+    )
+
+
+# ---------------------------------------------------------------- vLLM's share of the card
+
+
+def test_vllm_takes_its_share_while_sampling_or_for_the_whole_step(models):
+    actor, reward = models
+    base = [f"model.actor={actor}", f"reward.model={reward}", "generation.vllm_gpu_memory_utilization=0.25"]
+    hf = training_memory_plan(load_config(None, [*base, "generation.engine=hf"]), 2, 40)
+    asleep = training_memory_plan(load_config(None, [*base, "generation.engine=auto"]), 2, 40)
+    awake = training_memory_plan(load_config(None, [*base, "generation.vllm_sleep=false"]), 2, 40)
+    share = 0.25 * 40 * GIB
+    assert (hf.sampler, asleep.sampler, hf.vllm, asleep.vllm) == ("hf", "vllm", 0.0, share)
+    assert hf.engines[0].generation > 0 and asleep.engines[0].generation == 0  # vLLM samples, not generate()
+    assert asleep.phases["rollout"] == share and asleep.resident == hf.resident
+    assert awake.phases["rollout"] == 0.0 and awake.resident == hf.resident + share
+    assert "| vllm (sampling only) | - |" in format_plan(asleep) and "| vllm (resident) |" in format_plan(
+        awake
+    )
+    assert "| vllm" not in format_plan(hf)
+    offline = training_memory_plan(load_config(None, [*base, "algo.name=dpo"]), 2, 40)
+    assert offline.vllm == 0.0 and "rollout" not in offline.phases  # no rollouts: no sampler
+
+
+def test_vllm_share_decides_the_verdict(models, tmp_path, capsys):
+    """The tiny models need a few MB: only vLLM's share of the card can push the plan past 90% of it."""
+    actor, reward = models
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{actor: {actor}}}\nreward: {{model: {reward}}}\n")
+    args = ["plan", "--config", str(config), "--world-size", "1", "--gpu-memory-gb", "10"]
+    assert main([*args, "--set", "generation.vllm_gpu_memory_utilization=0.85"]) == 0
+    assert main([*args, "--set", "generation.vllm_gpu_memory_utilization=0.95"]) == PLAN_DOES_NOT_FIT
+    assert (
+        main(
+            [
+                *args,
+                *["--set", "generation.engine=hf", "--set", "generation.vllm_gpu_memory_utilization=0.95"],
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| vllm (sampling only) | - | - | - | - | - | - | - | - | - | 9.5 | - | - |" in out

@@ -71,23 +71,33 @@ PLAN_DOES_NOT_FIT = 3
 """`vbon plan`'s exit code when the estimate exceeds the card (2 stays for config errors)."""
 
 
-def _card_size(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected the memory of one card in GB (> 0), got {text!r}")
-    return value
+def _positive_number(what: str) -> Callable[[str], float]:
+    """An argparse type for a finite number > 0; `what` says what the number is in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"expected {what} (> 0), got {text!r}")
+        return value
+
+    return parse
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from vbon_ds.algorithms.registry import training_memory_plan
-    from vbon_ds.engines.memory_plan import format_plan
+    from vbon_ds.algorithms.work_plan import format_work, work_plan
+    from vbon_ds.engines.memory_plan import DEFAULT_CARD_GB, format_plan
 
-    plan = training_memory_plan(load_config(args.config, args.overrides), args.world_size)
-    print(format_plan(plan, args.gpu_memory_gb))
-    return 0 if plan.fits(args.gpu_memory_gb) else PLAN_DOES_NOT_FIT
+    cfg = load_config(args.config, args.overrides)
+    plan = training_memory_plan(cfg, args.world_size, args.gpu_memory_gb or DEFAULT_CARD_GB)
+    work = work_plan(cfg)
+    print(format_plan(plan))
+    print()
+    print(format_work(work, args.world_size, args.tokens_per_second))
+    return 0 if plan.fits() else PLAN_DOES_NOT_FIT
 
 
 def _job(module: str) -> Callable[[argparse.Namespace], None]:
@@ -184,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser(
         "plan",
-        help=f"memory per GPU of each engine at a world size (exit {PLAN_DOES_NOT_FIT}: does not fit)",
-        description="Estimate the memory per GPU of each engine `vbon train` builds for this config.",
+        help=f"memory per GPU and the work (answers, tokens, hours) of a run (exit {PLAN_DOES_NOT_FIT}: does "
+        "not fit)",
+        description="Estimate the memory per GPU of each engine `vbon train` builds for this config, and the "
+        "answers and tokens its jobs generate and train on, with hours of generation at a rate.",
         epilog=f"exit status: 0 fits the card, {PLAN_DOES_NOT_FIT} does not fit, 2 config error (e.g. batch "
         "sizes that do not divide the world size)",
     )
@@ -195,10 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--gpu-memory-gb",
-        type=_card_size,
-        default=80.0,
+        type=_positive_number("the memory of one card in GB"),
         metavar="GB",
-        help="memory of one card, GiB (default 80)",
+        help="memory of one card, GiB (default: 80, the TL;DR recipes' cards; vLLM takes its share of it)",
+    )
+    plan.add_argument(
+        "--tokens-per-second",
+        type=_positive_number("generated tokens per second per GPU"),
+        default=None,
+        metavar="R",
+        help="generated tokens/s per GPU of the run's sampler, for the hours (default: an assumed rate per "
+        "sampler, labelled as such; benchmarks/RESULTS.md has no GPU measurement yet)",
     )
     plan.set_defaults(func=_cmd_plan)
 

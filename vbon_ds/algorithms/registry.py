@@ -19,7 +19,7 @@ from vbon_ds.algorithms.objective import objective_label
 from vbon_ds.algorithms.onpolicy import Experience, LossFn, TrainingInputs
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.engines.build import EngineNeeds
-from vbon_ds.engines.memory_plan import MemoryPlan, memory_plan
+from vbon_ds.engines.memory_plan import DEFAULT_CARD_GB, MemoryPlan, memory_plan
 
 ExperienceFn = Callable[[TrainingInputs, list[int], torch.Generator], Experience]
 """(inputs, this rank's prompt indices, the step's generator) -> what the update trains on."""
@@ -149,9 +149,16 @@ def algorithm_table() -> str:
     return "\n".join(rows)
 
 
-def training_memory_plan(cfg: ExperimentConfig, world_size: int) -> MemoryPlan:
+def training_memory_plan(
+    cfg: ExperimentConfig, world_size: int, gpu_memory_gb: float = DEFAULT_CARD_GB
+) -> MemoryPlan:
     """`vbon plan`: the memory of the engines and phases `vbon train` runs for cfg.algo.name."""
     algorithm = algorithm_of(cfg)
     return memory_plan(
-        cfg, world_size, algorithm.needs, rollout=algorithm.on_policy, pair_graphs=algorithm.pair_graphs
+        cfg,
+        world_size,
+        algorithm.needs,
+        rollout=algorithm.on_policy,
+        pair_graphs=algorithm.pair_graphs,
+        gpu_memory_gb=gpu_memory_gb,
     )

@@ -1,7 +1,7 @@
 """`vbon plan`: memory per GPU of each engine of a training run, before renting GPUs (no DeepSpeed import).
 
-    plan = memory_plan(cfg, 8, needs, rollout=True, pair_graphs=False)  # ConfigError: W does not fit
-    print(format_plan(plan, gpu_memory_gb=80))
+    plan = memory_plan(cfg, 8, needs, rollout=True, pair_graphs=False, gpu_memory_gb=80)
+    print(format_plan(plan))  # ConfigError above: batch sizes that do not divide W
 
 The caller says which engines and phases the run has: `vbon plan` asks the algorithm registry
 (vbon_ds.algorithms.registry.training_memory_plan), so the plan sizes what `vbon train` builds for algo.name:
@@ -32,8 +32,12 @@ Per engine and GPU, in the run's dtype (bfloat16 under model.dtype=auto on a GPU
   with gradient checkpointing, each such layer's input (2 s b h bytes) plus one layer recomputed. The pair
   losses (pair_graphs) hold two graphs, chosen and rejected, until their backward. Frozen engines: one
   layer's forward at their batch (micro-batch; reward.batch_size for the reward model).
-- generation (on-policy algorithms): the KV cache of generation.batch_size sequences, and under ZeRO-3 with
-  generation.gather_params the whole actor gathered for the call.
+- generation (on-policy algorithms) with the hf sampler: the KV cache of generation.batch_size sequences,
+  and under ZeRO-3 with generation.gather_params the whole actor gathered for the call. With the vllm
+  sampler (generation.engine=vllm, or auto: the plan is for a GPU cluster, where auto picks vLLM), the vLLM
+  engine takes generation.vllm_gpu_memory_utilization of the card while sampling instead; with
+  generation.vllm_sleep its KV cache is freed and its weights offloaded during the update, otherwise it
+  stays resident through training too.
 - gathered working set: ZeRO-3 gathers the largest layer plus a prefetch bucket during forward/backward, and
   the fused log-prob kernel the whole lm head.
 - backward gradients: ZeRO-2/3 reduce-scatter gradients as backward produces them, so the full-size
@@ -69,6 +73,8 @@ from vbon_ds.models.loading import load_model_config
 
 GIB = 1024**3
 MARGIN = 0.9  # the share of the card a plan may fill
+DEFAULT_CARD_GB = 80.0
+"""The card `vbon plan` checks against unless told (the TL;DR recipes' 8 x 80 GB nodes)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # (layers, hidden, heads, vocab, intermediate) of EleutherAI's Pythia configs (GPT-NeoX, untied head).
@@ -159,16 +165,25 @@ class MemoryPlan:
     notes: list[str]
     on_policy: bool
     """Whether a step samples rollouts (on-policy) rather than reading cached answers (offline baselines)."""
+    gpu_memory_gb: float
+    """The card the plan is checked against (it also sizes vLLM's share)."""
+    sampler: str
+    """The rollout sampler the plan assumes: hf or vllm (generation.engine, auto resolved for a GPU)."""
+    vllm: float = 0.0
+    """Bytes the vLLM engine takes while sampling (0 without rollouts or with the hf sampler)."""
+    vllm_resident: bool = False
+    """Whether vLLM keeps them through the update too (generation.vllm_sleep off)."""
 
     @property
     def resident(self) -> float:
-        return sum(e.resident for e in self.engines)
+        return sum(e.resident for e in self.engines) + (self.vllm if self.vllm_resident else 0.0)
 
     @property
     def phases(self) -> dict[str, float]:
         """Transient memory of each phase of a training step (one phase runs at a time)."""
         by_name = {e.name: e for e in self.engines}
-        out = {"rollout": by_name["actor"].generation} if self.on_policy else {}
+        sampling = by_name["actor"].generation + (0.0 if self.vllm_resident else self.vllm)
+        out = {"rollout": sampling} if self.on_policy else {}
         if "reward" in by_name:
             out["scoring"] = by_name["reward"].activations + by_name["reward"].gathered
         out["training"] = max(e.training for e in self.engines if e.name in ("actor", "critic", "reference"))
@@ -178,8 +193,8 @@ class MemoryPlan:
     def total(self) -> float:
         return self.resident + max(self.phases.values())
 
-    def fits(self, gpu_memory_gb: float) -> bool:
-        return self.total <= MARGIN * gpu_memory_gb * GIB
+    def fits(self) -> bool:
+        return self.total <= MARGIN * self.gpu_memory_gb * GIB
 
 
 # ------------------------------------------------------------------ model shapes
@@ -349,12 +364,27 @@ def _engine_ds(cfg: ExperimentConfig, sizes: BatchSizes, shape: ModelShape, trai
     )
 
 
+def planned_sampler(cfg: ExperimentConfig) -> tuple[str, str]:
+    """(sampler, why) of a GPU run: generation.engine, with auto taken as vllm, its choice on a GPU where vLLM
+    is installed (a plan is for the GPU cluster, not for the machine that prints it)."""
+    engine = cfg.generation.engine
+    if engine == "auto":
+        return "vllm", "generation.engine=auto, assumed vllm: auto's choice on a GPU with vLLM installed"
+    return engine, f"generation.engine={engine}"
+
+
 def memory_plan(
-    cfg: ExperimentConfig, world_size: int, needs: EngineNeeds, *, rollout: bool, pair_graphs: bool
+    cfg: ExperimentConfig,
+    world_size: int,
+    needs: EngineNeeds,
+    *,
+    rollout: bool,
+    pair_graphs: bool,
+    gpu_memory_gb: float = DEFAULT_CARD_GB,
 ) -> MemoryPlan:
-    """Per-GPU memory of the engines `needs` names (a trainable actor) at `world_size` ranks, with a rollout
-    phase when `rollout` and two forward graphs in the actor's backward when `pair_graphs` (ConfigError:
-    batch sizes)."""
+    """Per-GPU memory of the engines `needs` names (a trainable actor) at `world_size` ranks on cards of
+    `gpu_memory_gb`, with a rollout phase when `rollout` and two forward graphs in the actor's backward when
+    `pair_graphs` (ConfigError: batch sizes)."""
     sizes = batch_sizes(cfg, world_size)
     dtype = precision(cfg, on_gpu=True, bf16_supported=True)
     nbytes = DTYPE_BYTES[dtype]
@@ -374,9 +404,21 @@ def memory_plan(
         model_shape(cfg, cfg.model.actor, "causal", lora=lora),
         graphs=2 if pair_graphs else 1,
     )
-    if rollout:
-        actor.generation = _generation(actor, cfg, seq, nbytes)
+    sampler, why = planned_sampler(cfg)
     engines, notes = [actor], []
+    vllm = 0.0
+    if rollout and sampler == "hf":
+        actor.generation = _generation(actor, cfg, seq, nbytes)
+    elif rollout:
+        vllm = cfg.generation.vllm_gpu_memory_utilization * gpu_memory_gb * GIB
+        during_update = "freed (vllm_sleep)" if cfg.generation.vllm_sleep else "resident too (vllm_sleep off)"
+        notes.append(
+            f"sampler: vllm ({why}): generation.vllm_gpu_memory_utilization "
+            f"{cfg.generation.vllm_gpu_memory_utilization:g} x {gpu_memory_gb:g} GB while sampling; "
+            f"during the update {during_update}"
+        )
+    else:
+        notes.append(f"sampler: hf ({why})")
     if needs.critic:
         engines.append(trainable("critic", model_shape(cfg, _critic_path(cfg), "classifier")))
     if needs.reference and lora and cfg.model.reference in ("", cfg.model.actor):
@@ -395,7 +437,10 @@ def memory_plan(
         engines.append(frozen("reward", rm_shape, cfg.reward.batch_size))
     for source in sorted({e.shape.source for e in engines} - {"config"}):
         notes.append(f"model shapes from the {source}")
-    return MemoryPlan(world_size, sizes, dtype, engines, notes, rollout)
+    return MemoryPlan(
+        world_size, sizes, dtype, engines, notes, rollout, gpu_memory_gb, sampler, vllm,
+        vllm_resident=bool(vllm) and not cfg.generation.vllm_sleep,
+    )  # fmt: skip
 
 
 def _generation(actor: EngineMemory, cfg: ExperimentConfig, seq: int, nbytes: int) -> float:
@@ -419,8 +464,9 @@ def _gib(x: float) -> str:
     return f"{x / GIB:.1f}"
 
 
-def format_plan(plan: MemoryPlan, gpu_memory_gb: float) -> str:
-    """The plan as a markdown table (GiB per GPU) and a verdict against a card of `gpu_memory_gb` GB."""
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a markdown table (GiB per GPU; a vllm row when vLLM samples) and the verdict against the
+    plan's card."""
     s = plan.sizes
     lines = [
         f"Memory per GPU at world size {plan.world_size} ({plan.dtype}; per rank: {s.prompts_per_rank} "
@@ -438,9 +484,13 @@ def format_plan(plan: MemoryPlan, gpu_memory_gb: float) -> str:
             f"| {_gib(e.activations)} | {_gib(e.activations_other)} | {_gib(e.generation)} "
             f"| {_gib(e.gathered)} | {_gib(e.backward_grads)} |"
         )
+    if plan.vllm:  # the engine's own share of the card: weights and KV cache, in the generation column
+        when = "resident" if plan.vllm_resident else "sampling only"
+        lines.append(f"| vllm ({when}) | - | - | - | - | - | - | - | - | - | {_gib(plan.vllm)} | - | - |")
     phases = plan.phases
     peak = max(phases, key=phases.get)
-    verdict = "fits" if plan.fits(gpu_memory_gb) else "does NOT fit"
+    gpu_memory_gb = plan.gpu_memory_gb
+    verdict = "fits" if plan.fits() else "does NOT fit"
     lines += [
         "",
         f"resident {_gib(plan.resident)} + largest phase ({peak}) {_gib(phases[peak])} "

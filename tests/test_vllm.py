@@ -6,7 +6,6 @@ starts inside the job's process group; the pytest process keeps none)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import torch
 from test_pipeline import (
     assert_same_final_weights,
     kill_at_first_checkpoint_then_resume,
-    launch_env,
     read_scalars,
     tiny_config_file,
     vbon,

@@ -95,7 +95,7 @@ def test_vllm_samples_softmax_over_temperature(tmp_path):
     actor = make_tiny_causal_lm(tmp_path / "actor", "gpt_neox", width=128)
     model = AutoModelForCausalLM.from_pretrained(actor)
     with torch.no_grad():
-        model.embed_out.weight.mul_(40.0)
+        model.get_output_embeddings().weight.mul_(40.0)
     model.save_pretrained(actor)
     samples = 3000
     run_check(tmp_path, f"first_token={samples}")

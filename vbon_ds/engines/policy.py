@@ -338,7 +338,7 @@ class PolicyEngine(DeepSpeedModel):
         finally:
             self.module.train(was_training)
         generated = sequences.shape[1] - prompt_ids.shape[1]
-        return finish_rollout(
+        rollout = finish_rollout(
             sequences,
             prompt_attention_mask,
             eos_ids=self.eos_ids,
@@ -346,6 +346,8 @@ class PolicyEngine(DeepSpeedModel):
             response_length=distributed.all_reduce_max(generated),
             recorded=recorded,
         )
+        rollout.sampler_dtype = self.dtype if record_logprobs else None
+        return rollout
 
     def response_logprobs(
         self,

@@ -28,6 +28,7 @@ class FakePolicy:
     def __init__(self, accumulate: int = 1, lr: float = 0.5, seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.table = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64).requires_grad_()
+        self.dtype = self.table.dtype
         self.accumulate, self.lr = accumulate, lr
         self.forward_rows: list[int] = []
         self.micro_steps = 0
@@ -178,32 +179,34 @@ def test_kl_is_zero_when_actor_is_the_reference():
 
 
 def test_recorded_sampling_logprobs_replace_the_actor_forward():
-    cfg = rloo_config()
+    cfg = rloo_config("algo.old_logprobs=sampling")
     actor = FakePolicy()
     engines = Engines(tokenizer=None, sizes=batch_sizes(cfg, 1), actor=actor, reference=FakePolicy())
     batch = token_batch(RESPONSES)
     recorded = torch.randn(batch.response_mask.shape) * batch.response_mask
-    sampled = SimpleNamespace(sampled_logprobs=recorded, sampled_entropy=recorded.abs())
+    sampled = SimpleNamespace(sampled_logprobs=recorded, sampled_entropy=recorded.abs(), sampler_dtype=None)
     logps = phases.logprobs(engines, cfg, batch, sampled)
     assert actor.forward_rows == [] and torch.equal(logps.actor, recorded)
-    assert torch.equal(logps.entropy, recorded.abs())
+    assert torch.equal(logps.entropy, recorded.abs()) and logps.sampler is None
     # Without a recording (or when the rollout was not recorded) the actor runs its forward.
     forward = phases.logprobs(engines, cfg, batch, SimpleNamespace(sampled_logprobs=None))
     assert actor.forward_rows and torch.equal(forward.actor, phases.logprobs(engines, cfg, batch).actor)
 
 
 @pytest.mark.parametrize(
-    "setting, dtype, want",
+    "setting, actor, sampler, want",
     [
-        ("auto", torch.float32, True),
-        ("auto", torch.bfloat16, False),  # bf16 sampling logits differ from the fp32 forward's
-        ("forward", torch.float32, False),
-        ("sampling", torch.bfloat16, True),
+        ("auto", torch.float32, torch.float32, True),
+        ("auto", torch.bfloat16, torch.bfloat16, False),  # bf16 sampling logits differ from a forward's
+        ("auto", torch.float32, torch.bfloat16, False),  # e.g. a bf16 vLLM sampler for an fp32 trainer
+        ("auto", torch.float32, None, False),
+        ("forward", torch.float32, torch.float32, False),
+        ("sampling", torch.float32, torch.bfloat16, True),
     ],
 )
-def test_when_old_logprobs_come_from_sampling(setting, dtype, want):
+def test_when_old_logprobs_come_from_sampling(setting, actor, sampler, want):
     cfg = rloo_config(f"algo.old_logprobs={setting}")
-    assert phases.old_logprobs_from_sampling(cfg, dtype) is want
+    assert phases.old_logprobs_from_sampling(cfg, actor, sampler) is want
 
 
 class FakeCritic(FakePolicy):
@@ -315,11 +318,19 @@ def test_concat_rollouts_pads_recorded_logprobs_like_the_answers():
             sequences=torch.ones(1, 2 + width, dtype=torch.long), attention_mask=torch.ones(1, 2 + width),
             response_mask=mask, prompt_length=2, ended_with_eos=torch.tensor([True]),
             sampled_logprobs=torch.full((1, width), value), sampled_entropy=torch.full((1, width), -value),
+            sampler_dtype=torch.bfloat16,
         )  # fmt: skip
 
     joined = concat_rollouts([part(3, -1.0), part(1, -2.0)], pad_id=0)
     assert torch.equal(joined.sampled_logprobs, torch.tensor([[-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0]]))
     assert torch.equal(joined.sampled_entropy, -joined.sampled_logprobs)
+    assert joined.sampler_dtype == torch.bfloat16
+    no_entropy = [part(3, -1.0), part(1, -2.0)]
+    for one in no_entropy:
+        one.sampled_entropy = None  # what a vLLM sampler gives
+    joined = concat_rollouts(no_entropy, pad_id=0)
+    assert joined.sampled_entropy is None and joined.sampled_logprobs.shape == (2, 3)
     unrecorded = part(2, -1.0)
-    unrecorded.sampled_logprobs = unrecorded.sampled_entropy = None
-    assert concat_rollouts([part(3, -1.0), unrecorded], pad_id=0).sampled_logprobs is None
+    unrecorded.sampled_logprobs = unrecorded.sampled_entropy = unrecorded.sampler_dtype = None
+    joined = concat_rollouts([part(3, -1.0), unrecorded], pad_id=0)
+    assert joined.sampled_logprobs is None and joined.sampler_dtype is None

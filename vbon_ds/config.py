@@ -142,7 +142,9 @@ class AlgoConfig:
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward penalty: k1 = log pi - log pi_ref only (k2, k3 bias gradients)."""
     old_logprobs: str = choice("auto", "auto", "sampling", "forward")
-    """Actor log-probs of a rollout: recorded while sampling, or a forward; auto: sampling for fp32 actors."""
+    """Old log-probs: recorded while sampling, or a forward; auto: recorded if actor and sampler are fp32."""
+    sampler_is_cap: float = bounded(2.0, 1.0)
+    """Cap C of the per-token weights min(pi_trainer / pi_sampler, C) when the sampler is not the trainer."""
     dpo_beta: float = bounded(0.1, 0.0, open_low=True)
     """DPO's KL strength beta in -log sigmoid(beta * margin) (0.1 as in the DPO paper)."""
     ipo_beta: float | None = bounded(None, 0.0, open_low=True)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vbon_ds.algorithms import objective
+from vbon_ds.algorithms import objective, sampler_mismatch
 from vbon_ds.algorithms.objective import objective_reward
 from vbon_ds.algorithms.rollout import ScoredRollout, encode_prompts, sample_and_score
+from vbon_ds.algorithms.sampler_mismatch import WEIGHTS, old_logprobs_from_sampling
 from vbon_ds.config import ExperimentConfig
 from vbon_ds.core import losses
 from vbon_ds.data.prompts import PromptSet
@@ -125,17 +126,9 @@ class Experience:
 # ---------------------------------------------------------------- rollout and score
 
 
-def old_logprobs_from_sampling(cfg: ExperimentConfig, actor_dtype: torch.dtype) -> bool:
-    """Whether the actor's log-probs of its rollout come from sampling instead of another forward. In fp32
-    the two agree to rounding (KV-cached vs full forward); in bf16 they differ by more than PPO's ratio
-    should see, so auto recomputes them there."""
-    if cfg.algo.old_logprobs == "auto":
-        return actor_dtype == torch.float32
-    return cfg.algo.old_logprobs == "sampling"
-
-
 def rollout(engines: Engines, cfg: ExperimentConfig, prompts: Sequence[str]) -> ScoredRollout:
-    """The actor answers each entry of `prompts` once and the reward scores the answers."""
+    """The actor answers each entry of `prompts` once and the reward scores the answers (the actor is its
+    own sampler: it records the sampled tokens' log-probs when they will be the old log-probs)."""
     return sample_and_score(
         engines.sampler("actor"),
         engines.scorer,
@@ -143,7 +136,7 @@ def rollout(engines: Engines, cfg: ExperimentConfig, prompts: Sequence[str]) -> 
         prompts,
         cfg.generation,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
-        record_logprobs=old_logprobs_from_sampling(cfg, engines.actor.dtype),
+        record_logprobs=old_logprobs_from_sampling(cfg, engines.actor.dtype, engines.actor.dtype),
     )
 
 
@@ -226,6 +219,8 @@ class LogProbs:
     entropy: torch.Tensor
     values: torch.Tensor | None = None
     """The critic's value before each token (PPO only)."""
+    sampler: torch.Tensor | None = None
+    """The sampler's recorded log-probs when `actor` is a forward's instead (the loss corrects for them)."""
 
 
 @torch.no_grad()
@@ -233,10 +228,13 @@ def logprobs(
     engines: Engines, cfg: ExperimentConfig, batch: TokenBatch, sampled: Rollout | None = None
 ) -> LogProbs:
     """Actor and reference log-probs of the sampled tokens, the actor's entropy and the critic's values;
-    the actor's are the ones `sampled` recorded during generation when it has them (no forward)."""
+    the actor's are the ones `sampled` recorded when they serve as old log-probs (no forward; the entropy
+    as sampler_mismatch.recorded_entropy), else a forward's, with the recorded ones kept as `sampler`."""
     temperature, size = cfg.generation.temperature, cfg.train.micro_batch_size
-    if sampled is not None and sampled.sampled_logprobs is not None:
-        actor, entropy = sampled.sampled_logprobs, sampled.sampled_entropy
+    recorded = None if sampled is None else sampled.sampled_logprobs
+    use_recorded = sampler_mismatch.recording_is_old_policy(cfg, engines.actor, sampled)
+    if use_recorded:
+        actor, entropy = recorded, sampler_mismatch.recorded_entropy(sampled)
     else:
         actor, entropy = policy_logprobs(engines.actor, batch, temperature, size, with_entropy=True)
     reference = policy_logprobs(engines.reference, batch, temperature, size)
@@ -247,7 +245,7 @@ def logprobs(
             batch,
             cfg.train.micro_batch_size,
         )
-    return LogProbs(actor, reference, entropy, values)
+    return LogProbs(actor, reference, entropy, values, sampler=None if use_recorded else recorded)
 
 
 AdvantageEstimator = Callable[
@@ -299,6 +297,9 @@ def advantages(
     }
     if scores.log_f is not None:
         stats["train/log_F"] = scores.log_f.mean().item()
+    if logps.sampler is not None:
+        tensors[WEIGHTS], mismatch = sampler_mismatch.correction(cfg, logps.actor, logps.sampler, mask)
+        stats.update(mismatch)
     return Experience({"answers": batch}, tensors, stats)
 
 
@@ -374,7 +375,7 @@ LossFn = Callable[[Engines, ExperimentConfig, Experience], Loss]
 
 
 def policy_gradient_loss(engines: Engines, cfg: ExperimentConfig, micro: Experience) -> Loss:
-    """The clipped policy-gradient surrogate on the actor (PPO and RLOO)."""
+    """The clipped policy-gradient surrogate on the actor (PPO and RLOO), weighted per token by WEIGHTS."""
     rows, t = micro.batches["answers"], micro.tensors
     new_logp = engines.actor.response_logprobs(
         rows.sequences, rows.attention_mask, rows.prompt_length, cfg.generation.temperature
@@ -386,6 +387,7 @@ def policy_gradient_loss(engines: Engines, cfg: ExperimentConfig, micro: Experie
         rows.response_mask,
         cfg.algo.clip_range,
         cfg.generation.max_new_tokens,
+        t.get(WEIGHTS),
     )
     stats = {
         "train/loss": loss.item(),

@@ -74,6 +74,7 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         response_mask = torch.nn.functional.pad(part.response_mask, (0, right), value=0)
         if part.sampled_logprobs is not None:
             fields["logp"].append(torch.nn.functional.pad(part.sampled_logprobs, (0, right)))
+        if part.sampled_entropy is not None:  # a vLLM sampler records no entropy
             fields["entropy"].append(torch.nn.functional.pad(part.sampled_entropy, (0, right)))
         fields["seq"].append(torch.cat([prompt_ids, responses], dim=1))
         fields["mask"].append(torch.cat([prompt_mask, response_mask], dim=1))
@@ -86,6 +87,7 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         ended_with_eos=torch.cat([p.ended_with_eos for p in parts]),
         sampled_logprobs=torch.cat(fields["logp"]) if len(fields["logp"]) == len(parts) else None,
         sampled_entropy=torch.cat(fields["entropy"]) if len(fields["entropy"]) == len(parts) else None,
+        sampler_dtype=parts[0].sampler_dtype if len(fields["logp"]) == len(parts) else None,
     )
 
 

@@ -173,14 +173,21 @@ def ppo_advantages(
 
 
 def ppo_policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float, max_tokens: int
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    max_tokens: int,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss, summed over each answer's tokens / `max_tokens`, mean over answers
     (`answer_mean`); returns (loss, stats).
 
-    `advantages` is per token [B, T] or per sequence [B] (broadcast over its tokens). Stats (detached, token
-    means): `approx_kl` (k3 estimate of KL(old || new)) and `clip_frac` (share of tokens where the clip is
-    active).
+    `advantages` is per token [B, T] or per sequence [B] (broadcast over its tokens). `weights` [B, T], if
+    given, multiply each token's surrogate (`truncated_importance_weights`: tokens drawn by another sampler
+    than `old_logp`'s policy). Stats (detached, token means): `approx_kl` (k3 estimate of KL(old || new))
+    and `clip_frac` (share of tokens where the clip is active).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
@@ -189,13 +196,31 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = answer_mean(torch.maximum(unclipped, clipped), mask, max_tokens)
+    surrogate = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        surrogate = surrogate * weights
+    loss = answer_mean(surrogate, mask, max_tokens)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
         }
     return loss, stats
+
+
+def truncated_importance_weights(logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Per-token min(pi / mu, cap) = min(exp(logp - sampler_logp), cap), detached, 0 at padding: tokens drawn
+    from a sampler mu reweighted towards pi, the policy whose gradient the loss takes (truncated importance
+    sampling, Yao et al. 2025). Uncapped, E_mu[(pi / mu) f] = E_pi[f]; the cap bounds the variance at the
+    cost of a bias where pi / mu > cap (docs/math.md section 4)."""
+    ratio = torch.exp(_zero_pad(logp - sampler_logp, mask)).clamp(max=cap)
+    return _zero_pad(ratio, mask).detach()
+
+
+def sampler_kl(sampler_logp: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """Token mean of log mu - log pi over tokens drawn from the sampler mu: the k1 estimate of the
+    per-token KL(mu || pi) (unbiased per token, since the tokens come from mu)."""
+    return masked_mean(sampler_logp - logp, mask)
 
 
 def value_loss(

@@ -339,7 +339,7 @@ class PolicyEngine(DeepSpeedModel):
         finally:
             self.module.train(was_training)
         generated = sequences.shape[1] - prompt_ids.shape[1]
-        return finish_rollout(
+        rollout = finish_rollout(
             sequences,
             prompt_attention_mask,
             eos_ids=self.eos_ids,
@@ -348,6 +348,8 @@ class PolicyEngine(DeepSpeedModel):
             sampled=recorded.result(sequences) if recorded else None,
             sampler_dtype=self.dtype,
         )
+        rollout.sampler_dtype = self.dtype if record_logprobs else None
+        return rollout
 
     def response_logprobs(
         self,

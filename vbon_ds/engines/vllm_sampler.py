@@ -58,7 +58,18 @@ def import_vllm() -> Any:
         raise VbonError(
             f"generation.engine=vllm: vLLM cannot be imported ({first_line}); {VLLM_INSTALL}"
         ) from None
+    _keep_transformers_classes_undecorated()
     return vllm
+
+
+def _keep_transformers_classes_undecorated() -> None:
+    """vLLM runs a model it has no code of its own for (GPT-NeoX, i.e. Pythia, in 0.32) through its
+    Transformers backend, which decorates the transformers model class itself for torch.compile: every
+    instance of it in this process, the trainer's too, would then bypass torch's module call (and ZeRO-3's
+    hooks) or fail. Left undecorated, such a model runs uncompiled in vLLM (no CUDA graphs for it)."""
+    from vllm.model_executor.models.transformers import base
+
+    base.Base._decorate_for_torch_compile = lambda self: None
 
 
 def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
@@ -149,6 +160,8 @@ class VllmSampler:
             "enforce_eager": gen.vllm_enforce_eager or not torch.cuda.is_available(),
             "tensor_parallel_size": self._tp,
             "enable_sleep_mode": self.sleeps,
+            # A prompt prefilled in chunks rewinds its seeded generator, which CPU generators cannot do.
+            "enable_chunked_prefill": torch.cuda.is_available(),
             **memory,
         }
 

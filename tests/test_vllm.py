@@ -100,6 +100,7 @@ def test_vllm_samples_softmax_over_temperature(tmp_path):
     samples = 3000
     run_check(tmp_path, f"first_token={samples}")
     result = json.loads((tmp_path / "first_token.json").read_text())
+    assert result["logprob_gap"] < 1e-4  # vLLM's log-probs of its answers are the fp32 HF forward's
     counts, probs = torch.tensor(result["counts"]), torch.tensor(result["probs"], dtype=torch.float64)
     expected = samples * probs
     likely = expected >= 5  # bins of the likely tokens, the rest pooled into one
@@ -120,12 +121,13 @@ def test_vllm_samples_softmax_over_temperature(tmp_path):
 
 @needs_vllm
 @pytest.mark.slow
-def test_vllm_follows_the_actor_under_zero3_with_all_weights_lora_and_top_k(tmp_path):
+def test_vllm_follows_the_actor_under_zero3_with_all_weights_lora_top_k_and_tensor_parallel(tmp_path):
+    # tp: the 2 ranks share one engine (vllm_tensor_parallel_size=2), each with its own prompts (2 and 3).
     make_tiny_causal_lm(tmp_path / "actor", "llama", width=128)
-    run_check(tmp_path, "full", "lora", "top", ranks=2)
+    run_check(tmp_path, "full", "lora", "top", "tp", ranks=2)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
-    for variant in ("full", "lora", "top"):
+    for variant in ("full", "lora", "top", "tp"):
         result = results[variant]
         # vLLM's log-probs of its own samples are the engines' fp32 forward, before and after the steps.
         for gap in ("actor_before", "reference_before", "actor_after", "reference_after"):

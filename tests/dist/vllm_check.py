@@ -2,7 +2,8 @@
 
     python tests/dist/vllm_check.py WORKDIR VARIANT [VARIANT ...]   # WORKDIR/actor: a tiny causal LM
 
-VARIANT: full (every weight trains), lora (adapters, reference = adapters off), top (trainable_layers=1).
+VARIANT: full (every weight trains), lora (adapters, reference = adapters off), top (trainable_layers=1),
+tp (the ranks share one engine: generation.vllm_tensor_parallel_size = 2).
 For each: the actor's and the reference's vLLM engines sample; their recorded log-probs must equal the
 engines' own forward (fp32); then a few optimizer steps change the actor, and the next samples' log-probs
 must equal the changed actor's forward (the weights were pushed), while the reference's stay the
@@ -29,6 +30,7 @@ VARIANTS = {
     "full": [],
     "lora": ["model.lora_rank=4", "model.lora_alpha=8"],
     "top": ["model.trainable_layers=1"],
+    "tp": ["generation.vllm_tensor_parallel_size=2"],
 }
 
 
@@ -103,10 +105,11 @@ def check(workdir: Path, variant: str, rank_prompts: list[str]) -> dict[str, flo
 
 def first_token_counts(workdir: Path, samples: int) -> dict[str, list[float]]:
     """`samples` first answer tokens of one prompt from vLLM, and softmax(logits / T) of the frozen
-    reference engine at that position: what a chi-square test compares."""
+    reference engine at that position: what a chi-square test compares; and the largest gap between
+    vLLM's log-probs of whole answers and the engine's forward."""
     cfg = load_config(
         None,
-        [f"model.actor={workdir / 'actor'}", "generation.engine=vllm", "generation.max_new_tokens=1"],
+        [f"model.actor={workdir / 'actor'}", "generation.engine=vllm", f"generation.max_new_tokens={NEW_TOKENS}"],
     )
     engines = build_engines(cfg, reference=True)
     ids, mask = encode_prompts(engines.tokenizer, [SENTENCES[0]] * samples, 32)
@@ -117,7 +120,11 @@ def first_token_counts(workdir: Path, samples: int) -> dict[str, list[float]]:
     with torch.no_grad():  # a world of one: the engine's module holds its whole weights
         logits = engines.reference.module(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1]
     probs = torch.softmax(logits.double() / TEMPERATURE, -1)
-    return {"counts": counts.tolist(), "probs": probs[: len(counts)].tolist()}
+    return {
+        "counts": counts.tolist(),
+        "probs": probs[: len(counts)].tolist(),
+        "logprob_gap": logprob_gap(engines, "reference", ids[:8], mask[:8]),
+    }
 
 
 def main(workdir: Path, variants: list[str]) -> None:

@@ -161,7 +161,9 @@ def _per_step(cfg: ExperimentConfig) -> dict[str, int]:
     rows = prompts * algo.samples_per_prompt
     dtype = getattr(torch, precision(cfg, on_gpu=True, bf16_supported=True))
     passes = {f"actor forward+backward ({epochs} epochs)": epochs * rows}
-    if not old_logprobs_from_sampling(cfg, dtype):
+    vllm_dtype = cfg.generation.vllm_dtype
+    own_precision = planned_sampler(cfg)[0] == "hf" or vllm_dtype == "auto"
+    if not old_logprobs_from_sampling(cfg, dtype, dtype if own_precision else getattr(torch, vllm_dtype)):
         passes["actor forward (old log-probs)"] = rows
     passes["reference forward"] = rows
     if algorithm.needs.critic:

@@ -20,6 +20,7 @@ distribution (processed log-probs), in the engine's precision (`Rollout.sampler_
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -86,7 +87,7 @@ def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
 class _PooledEngine:
     settings: str
     llm: Any
-    owner: weakref.ref | None = None
+    owner: weakref.ref
 
 
 _POOL: list[_PooledEngine] = []
@@ -100,7 +101,7 @@ def _pooled_engine(sampler: VllmSampler, settings: dict[str, Any], start: Callab
     """A free pooled engine started with `settings` (one whose sampler is gone), else a new one."""
     key = json.dumps(settings, sort_keys=True, default=str)
     for entry in _POOL:
-        if entry.settings == key and (entry.owner is None or entry.owner() is None):
+        if entry.settings == key and entry.owner() is None:
             entry.owner = weakref.ref(sampler)
             return entry.llm
     _POOL.append(_PooledEngine(key, start(), weakref.ref(sampler)))
@@ -137,14 +138,11 @@ class VllmSampler:
         """Seconds spent pushing weights since the owner last read and reset it (`time/weight_sync`)."""
         self._tp = gen.vllm_tensor_parallel_size
         self._tp_group = distributed.tensor_parallel_group(self._tp)
-        self._config_dir = tempfile.mkdtemp(prefix="vbon-vllm-")
-        weakref.finalize(self, shutil.rmtree, self._config_dir, True)
         self.llm = self._start(gen, max_prompt_tokens)
 
     def _start(self, gen: GenerationConfig, max_prompt_tokens: int) -> Any:
         vllm = import_vllm()
         config = self.engine.module.config
-        config.to_json_file(os.path.join(self._config_dir, "config.json"))
         max_len = max_prompt_tokens + gen.max_new_tokens
         memory: dict[str, Any] = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
         if not torch.cuda.is_available():
@@ -166,9 +164,12 @@ class VllmSampler:
         }
 
         def start() -> Any:
+            config_dir = tempfile.mkdtemp(prefix="vbon-vllm-")  # the engine reads its config there once
+            atexit.register(shutil.rmtree, config_dir, True)
+            config.to_json_file(os.path.join(config_dir, "config.json"))
             with _random_state_kept():
                 llm = vllm.LLM(
-                    model=self._config_dir,
+                    model=config_dir,
                     skip_tokenizer_init=True,
                     load_format="dummy",  # the weights come from the policy engine (`_sync`)
                     generation_config="vllm",  # no repetition penalty or other defaults from the checkpoint

@@ -124,8 +124,10 @@ def test_vllm_samples_softmax_over_temperature(tmp_path):
 def test_vllm_follows_the_actor_under_zero3_with_all_weights_lora_top_k_and_tensor_parallel(tmp_path):
     # tp: the 2 ranks share one engine (vllm_tensor_parallel_size=2), each with its own prompts (2 and 3).
     make_tiny_causal_lm(tmp_path / "actor", "llama", width=128)
-    run_check(tmp_path, "full", "lora", "top", "tp", ranks=2)
+    run_check(tmp_path, "full", "lora", "top", ranks=2)
     results = json.loads((tmp_path / "results.json").read_text())
+    run_check(tmp_path, "tp", ranks=2)  # a process's vLLM engines share one tensor-parallel size
+    results |= json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
     for variant in ("full", "lora", "top", "tp"):
         result = results[variant]
@@ -168,3 +170,30 @@ def test_pipeline_with_vllm_resumes_after_sigkill_to_the_same_weights(tmp_path):
     assert (
         refused.returncode == 2 and "sampling_precision: cached 'float32', now 'bfloat16'" in refused.stderr
     )
+
+
+def test_engines_are_reused_once_their_sampler_is_gone_and_share_one_parallel_size(monkeypatch):
+    from vbon_ds.engines import vllm_sampler
+
+    class Owner:  # stands for a VllmSampler (only its lifetime matters)
+        pass
+
+    monkeypatch.setattr(vllm_sampler, "_POOL", [])
+    started = []
+
+    def start() -> object:
+        started.append(object())
+        return started[-1]
+
+    settings = {"model": "{}", "tensor_parallel_size": 1}
+    first = Owner()
+    engine = vllm_sampler._pooled_engine(first, settings, start)
+    second = Owner()
+    assert vllm_sampler._pooled_engine(second, settings, start) is not engine  # the first is in use
+    del first
+    assert vllm_sampler._pooled_engine(Owner(), settings, start) is engine  # its sampler is gone
+    assert len(started) == 2
+    with pytest.raises(
+        VbonError, match=r"vllm_tensor_parallel_size: 2, but this process already runs vLLM engines of size 1"
+    ):
+        vllm_sampler._pooled_engine(Owner(), {**settings, "tensor_parallel_size": 2}, start)

@@ -100,6 +100,12 @@ its engine to the next sampler started with the same settings, which pushes its 
 def _pooled_engine(sampler: VllmSampler, settings: dict[str, Any], start: Callable[[], Any]) -> Any:
     """A free pooled engine started with `settings` (one whose sampler is gone), else a new one."""
     key = json.dumps(settings, sort_keys=True, default=str)
+    sizes = {json.loads(entry.settings)["tensor_parallel_size"] for entry in _POOL}
+    if sizes - {settings["tensor_parallel_size"]}:
+        raise VbonError(
+            f"generation.vllm_tensor_parallel_size: {settings['tensor_parallel_size']}, but this process "
+            f"already runs vLLM engines of size {sizes.pop()} (vLLM's parallel state is one per process)"
+        )
     for entry in _POOL:
         if entry.settings == key and entry.owner() is None:
             entry.owner = weakref.ref(sampler)

@@ -350,17 +350,21 @@ def test_cli_prints_the_work_with_hours_at_the_given_rate(models, prompt_dir, tm
     assert "sampler: vllm, generation.engine=auto, assumed vllm" in out
 
 
-@pytest.mark.parametrize("rate", ["-3", "0", "nan", "inf", "fast"])
-def test_plan_refuses_a_rate_that_is_not_a_positive_number(rate, capsys):
+@pytest.mark.parametrize("value", ["-3", "0", "nan", "inf", "fast"])
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--tokens-per-second", "generated tokens per second per GPU"),
+        ("--gpu-memory-gb", "the memory of one card in GB"),
+    ],
+)
+def test_plan_refuses_a_flag_value_that_is_not_a_positive_number(flag, expected, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["plan", "--config", "launch/tldr_vbon.yaml", "--world-size", "8", "--tokens-per-second", rate])
+        main(["plan", "--config", "launch/tldr_vbon.yaml", "--world-size", "8", flag, value])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert (
-        f"argument --tokens-per-second: expected generated tokens per second per GPU (> 0), got {rate!r}"
-        in err
-    )
+    assert f"argument {flag}: expected {expected} (> 0), got {value!r}" in err
 
 
 # ---------------------------------------------------------------- vLLM's share of the card

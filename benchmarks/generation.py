@@ -37,7 +37,7 @@ SHAPES = {"refcache": (4, 32), "rollout": (16, 4)}
 """Batch shapes of `--compare engines`: (prompts, answers per prompt), all in one generate call."""
 
 
-def _args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", choices=("engines", "zero3"), default="engines")
     parser.add_argument("--new-tokens", type=int, help="default: 24 (engines, the demo's), 32 (zero3)")
@@ -254,7 +254,7 @@ def _engines_bench(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    arguments = _args()
+    arguments = parse_args()
     if arguments.compare == "engines":
         _engines_bench(arguments)
     elif arguments.model_dir:

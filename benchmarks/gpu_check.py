@@ -1,4 +1,4 @@
-"""The GPU check (`make gpu-check`, under 8 minutes on one GPU): what CPU tests cannot show, in one command.
+"""The GPU check (`make gpu-check`, one GPU; not yet timed with its vllm part): what CPU tests cannot show.
 
     python benchmarks/gpu_check.py                      # everything; prints and writes the markdown block
     python benchmarks/gpu_check.py --only model --steps 3 --out runs/gpu_check/block.md

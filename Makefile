@@ -20,8 +20,9 @@ lint: setup
 format: setup
 	.venv/bin/ruff format .
 
-# On one NVIDIA GPU, under 8 minutes: kernel tests with Triton compiled, the CUDA log-prob benchmark, and a
-# Pythia-1B-shaped PPO run on ZeRO-3; writes runs/gpu_check/RESULTS_block.md for benchmarks/RESULTS.md.
+# On one NVIDIA GPU: kernel tests with Triton compiled, the CUDA log-prob benchmark, a Pythia-1B-shaped PPO
+# run on ZeRO-3 and HF vs vLLM generation on that model; writes runs/gpu_check/RESULTS_block.md for
+# benchmarks/RESULTS.md.
 gpu-check:
 	@command -v nvidia-smi >/dev/null 2>&1 || { echo "gpu-check: no NVIDIA GPU here (nvidia-smi not found); run it on a machine with one" >&2; exit 2; }
 	$(MAKE) setup

@@ -18,6 +18,10 @@ the rest of the step (advantages, forward+backward of the 4 micro-batches, clipp
 
     python benchmarks/rl_step.py --trl-python /path/to/trlvenv/bin/python --repeats 2
     python benchmarks/rl_step.py --trl-python ... --programs vbon,vbon_zero3,trl   # also ZeRO-3 forced
+    python benchmarks/rl_step.py --programs vbon,vbon_vllm        # HF generate vs vLLM rollouts, no TRL
+
+vbon_vllm samples with generation.engine=vllm (its rollout phase includes the push of the trained weights
+into the vLLM engine, also given apart as `time/weight_sync`; its first step pays the engine's start).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ BETA, LR, TEMPERATURE = 1.0 / 7.0, 3e-5, 1.0
 PROGRAMS = {
     "vbon": [],  # deepspeed.config=zero3 as in the demo; a world of one runs it at stage 0
     "vbon_zero3": ["deepspeed.force_stage=true"],  # ZeRO-3 partitioning in one process, as before
+    "vbon_vllm": ["generation.engine=vllm"],  # rollouts from an in-process vLLM engine following the actor
 }
+"""vbon_ds programs: the config overrides each adds to the demo's step."""
 
 
 def demo_prompts() -> list[str]:
@@ -125,6 +131,8 @@ def run_vbon(steps: int, workdir: Path, model_dir: Path, overrides: list[str]) -
         timed.append(
             {"total": total, "rollout": rollout, "logprobs": logprobs, "update": total - rollout - logprobs}
         )
+        if "time/weight_sync" in stats:  # vbon_vllm: the push of the actor's weights, within the rollout
+            timed[-1]["weight_sync"] = stats["time/weight_sync"]
         tokens.append(round(stats["train/response_length"] * PROMPTS * ANSWERS))
     stage = trainer.engines.actor.ds.zero_optimization_stage()
     return _phase_result(timed, tokens, threads=torch.get_num_threads(), zero_stage=stage)
@@ -296,17 +304,21 @@ def table(results: list[dict], note: str) -> str:
     lines = [
         f"Measured {when:%Y-%m-%d %H:%M} UTC on {machine()}" + (f"; {note}" if note else ""),
         "",
-        "| run | program | step s | rollout s | logprobs s | update s | answers x tokens | threads | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | program | step s | rollout s | logprobs s | update s | of rollout: weight sync s "
+        "| answers x tokens | threads | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(results, 1):
         last = r["steps"][-1]
         name = r["program"] + (f" (ZeRO stage {r['zero_stage']})" if "zero_stage" in r else "")
         cells = " | ".join(f"{last[p]:.2f}" for p in phases)
+        sync = f"{last['weight_sync']:.2f}" if "weight_sync" in last else "-"
         answers = PROMPTS * ANSWERS
         per_answer = r["completion_tokens"][-1] / answers
         load = " -> ".join(f"{x:.1f}" for x in r["load"])
-        lines.append(f"| {i} | {name} | {cells} | {answers} x {per_answer:g} | {r['threads']} | {load} |")
+        lines.append(
+            f"| {i} | {name} | {cells} | {sync} | {answers} x {per_answer:g} | {r['threads']} | {load} |"
+        )
     medians = {}
     for program in dict.fromkeys(r["program"] for r in results):
         runs = [r["steps"][-1] for r in results if r["program"] == program]

@@ -143,6 +143,19 @@ def test_vllm_follows_the_actor_under_zero3_with_all_weights_lora_top_k_and_tens
 
 @needs_vllm
 @pytest.mark.slow
+def test_vllm_builds_a_transformers_backend_model_beside_zero3_engines(tmp_path):
+    # vLLM serves GPT-NeoX (Pythia) through transformers' from_config, which the engines' live ZeRO-3 config
+    # would turn into a deepspeed.zero.Init partitioning of vLLM's meta tensors.
+    make_tiny_causal_lm(tmp_path / "actor", "gpt_neox", width=64, heads=2)
+    run_check(tmp_path, "zero3_forced")
+    result = json.loads((tmp_path / "results.json").read_text())["zero3_forced"]
+    for gap in ("actor_before", "reference_before", "actor_after", "reference_after"):
+        assert result[gap] < 1e-4, (gap, result[gap])
+    assert result["actor_change"] > 0.1 and result["sync_seconds"] > 0
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_pipeline_with_vllm_resumes_after_sigkill_to_the_same_weights(tmp_path):
     # refcache + RLOO + evaluate on the tiny preset, every answer sampled by vLLM; a run killed after its
     # first checkpoint resumes (seeds from the restored torch streams, weights pushed again) to the

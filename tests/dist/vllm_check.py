@@ -3,7 +3,7 @@
     python tests/dist/vllm_check.py WORKDIR VARIANT [VARIANT ...]   # WORKDIR/actor: a tiny causal LM
 
 VARIANT: full (every weight trains), lora (adapters, reference = adapters off), top (trainable_layers=1),
-tp (the ranks share one engine: generation.vllm_tensor_parallel_size = 2).
+tp (the ranks share one engine: generation.vllm_tensor_parallel_size = 2), zero3_forced (ZeRO-3 in any world).
 For each: the actor's and the reference's vLLM engines sample; their recorded log-probs must equal the
 engines' own forward (fp32); then a few optimizer steps change the actor, and the next samples' log-probs
 must equal the changed actor's forward (the weights were pushed), while the reference's stay the
@@ -30,6 +30,7 @@ VARIANTS = {
     "full": [],
     "lora": ["model.lora_rank=4", "model.lora_alpha=8"],
     "top": ["model.trainable_layers=1"],
+    "zero3_forced": ["deepspeed.force_stage=true"],  # ZeRO-3 in a world of one (a live ZeRO-3 config)
     "tp": ["generation.vllm_tensor_parallel_size=2"],
 }
 

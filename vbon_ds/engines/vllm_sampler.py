@@ -124,6 +124,22 @@ def _random_state_kept() -> Iterator[None]:
     np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def _transformers_zero3_off() -> Iterator[None]:
+    """vLLM builds some architectures (GPT-NeoX, i.e. Pythia) with transformers' from_config, which under the
+    engines' live ZeRO-3 config would partition them in deepspeed.zero.Init and fail on vLLM's meta tensors:
+    transformers sees no DeepSpeed config while the vLLM engine starts."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; restored through the public setter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if live is not None and live() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(live())
+
+
 class VllmSampler:
     """A vLLM engine sampling from `source` (the actor, the reference, or the LoRA actor's reference view)."""
 
@@ -173,7 +189,7 @@ class VllmSampler:
             config_dir = tempfile.mkdtemp(prefix="vbon-vllm-")  # the engine reads its config there once
             atexit.register(shutil.rmtree, config_dir, True)
             config.to_json_file(os.path.join(config_dir, "config.json"))
-            with _random_state_kept():
+            with _random_state_kept(), _transformers_zero3_off():
                 llm = vllm.LLM(
                     model=config_dir,
                     skip_tokenizer_init=True,

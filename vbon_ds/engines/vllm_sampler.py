@@ -73,14 +73,14 @@ def _keep_transformers_classes_undecorated() -> None:
     base.Base._decorate_for_torch_compile = lambda self: None
 
 
-def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
-    """KV-cache bytes for `tokens` tokens of a model `config` (keys and values of every layer), doubled
-    for vLLM's block rounding; at least 64 MiB."""
+def kv_cache_bytes(config: Any, sequences: int, max_len: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes for `sequences` sequences of `max_len` tokens of a model `config` (keys and values
+    of every layer), at most 256 sequences (vLLM runs more in turns), at least 64 MiB."""
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-    return max(_MIN_KV_CACHE_BYTES, 2 * per_token * tokens)
+    return max(_MIN_KV_CACHE_BYTES, per_token * min(sequences, 256) * max_len)
 
 
 @dataclass
@@ -140,6 +140,18 @@ def _transformers_zero3_off() -> Iterator[None]:
             hf_deepspeed.set_hf_deepspeed_config(live())
 
 
+def _refresh_output_heads(model: torch.nn.Module) -> None:
+    """Redo the output heads' weight processing after a push. A head tied to the input embeddings is not
+    pushed itself (the checkpoint has no lm_head weight), and vLLM's CPU build keeps a packed copy of the
+    head's weight made when it was processed: without this it would keep computing logits from the
+    weights it started with."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and module.quant_method is not None:
+            module.quant_method.process_weights_after_loading(module)
+
+
 class VllmSampler:
     """A vLLM engine sampling from `source` (the actor, the reference, or the LoRA actor's reference view)."""
 
@@ -168,10 +180,9 @@ class VllmSampler:
         max_len = max_prompt_tokens + gen.max_new_tokens
         memory: dict[str, Any] = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
         if not torch.cuda.is_available():
-            tokens = gen.batch_size * max_len
             memory = {
                 "kv_cache_memory_bytes": int(gen.vllm_kv_cache_gb * 2**30)
-                or kv_cache_bytes(config, tokens, self.dtype)
+                or kv_cache_bytes(config, gen.batch_size, max_len, self.dtype)
             }
         settings = {
             "model": config.to_json_string(use_diff=False),
@@ -222,6 +233,7 @@ class VllmSampler:
         changed_only = self.synced_version is not None and self.engine.trainable
         weights = checkpoint_weights(self.source, changed_only=changed_only)
         self._runner.reload_weights(weights_iterator=weights)
+        _refresh_output_heads(self._runner.get_model())
         self.synced_version = version
         self.sync_seconds += time.perf_counter() - start
 

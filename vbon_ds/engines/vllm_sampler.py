@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -60,6 +61,9 @@ def import_vllm() -> Any:
             f"generation.engine=vllm: vLLM cannot be imported ({first_line}); {VLLM_INSTALL}"
         ) from None
     _keep_transformers_classes_undecorated()
+    # A push of the trainable blocks only is meant; vLLM warns about every layer it left as it was.
+    for name in ("inplace", "layerwise"):
+        logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
     return vllm
 
 

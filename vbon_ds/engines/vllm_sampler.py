@@ -176,10 +176,11 @@ class VllmSampler:
         """Seconds spent pushing weights since the owner last read and reset it (`time/weight_sync`)."""
         self._tp = gen.vllm_tensor_parallel_size
         self._tp_group = distributed.tensor_parallel_group(self._tp)
+        self._vllm = import_vllm()  # once: it also patches vLLM's Transformers backend and its loggers
         self.llm = self._start(gen, max_prompt_tokens)
 
     def _start(self, gen: GenerationConfig, max_prompt_tokens: int) -> Any:
-        vllm = import_vllm()
+        vllm = self._vllm
         config = self.engine.module.config
         max_len = max_prompt_tokens + gen.max_new_tokens
         memory: dict[str, Any] = {"gpu_memory_utilization": gen.vllm_gpu_memory_utilization}
@@ -268,7 +269,7 @@ class VllmSampler:
         self._sync()
         if self.sleeps:
             self.llm.wake_up(tags=["kv_cache"])
-        vllm = import_vllm()
+        vllm = self._vllm
         prompts = [
             ids[mask.bool()].tolist()
             for ids, mask in zip(prompt_ids.cpu(), prompt_attention_mask.cpu(), strict=True)

@@ -379,7 +379,7 @@ def test_cached_answers_that_end_in_any_eos_id_of_the_reference_count_as_ended()
         torch.tensor([record.rewards]),
         bon_n=2,
         tokenizer=type("Tokenizer", (), {"eos_token_id": 0})(),  # a class instance: weakref-able
-        reference=SimpleNamespace(eos_ids=[0, 7]),
+        reference=SimpleNamespace(weights_engine=SimpleNamespace(eos_ids=[0, 7])),
     )
     ctx.cache.record, ctx.eval_scorer = (lambda pid: record), Recorder()
     evaluate.rescored_cache(ctx, ["a"])

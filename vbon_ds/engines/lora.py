@@ -2,8 +2,9 @@
 
 With LoRA every base weight of the actor stays frozen, so switching the adapters off gives back the starting
 model exactly: pi_ref without a second copy of the weights and without a second engine. It offers the
-two calls the jobs make on a reference `PolicyEngine`: log-probs and generation. It holds no state of
-its own, so there is nothing to checkpoint.
+two calls the jobs make on a reference `PolicyEngine`, log-probs and generation, and the two properties
+that say where its weights are (`weights_engine`, `adapters_on`: what the vLLM weight push reads). It
+holds no state of its own, so there is nothing to checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ class AdapterReference:
     def __init__(self, actor: PolicyEngine) -> None:
         self.actor = actor
         self._layers = list(lora_layers(actor.module).values())
+
+    @property
+    def weights_engine(self) -> PolicyEngine:
+        """The engine that holds this policy's weights (`PolicyEngine.weights_engine`): the actor."""
+        return self.actor
+
+    @property
+    def adapters_on(self) -> bool:
+        """Whether the adapters are part of this policy (`PolicyEngine.adapters_on`): never."""
+        return False
 
     @contextlib.contextmanager
     def adapters_off(self) -> Iterator[None]:

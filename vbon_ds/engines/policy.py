@@ -286,6 +286,17 @@ class PolicyEngine(DeepSpeedModel):
         """The output layer's dtype: the precision of the logits (LoRA adapters may be in another)."""
         return self.module.get_output_embeddings().weight.dtype
 
+    @property
+    def weights_engine(self) -> PolicyEngine:
+        """The engine that holds this policy's weights: the engine itself (`AdapterReference`: its actor)."""
+        return self
+
+    @property
+    def adapters_on(self) -> bool:
+        """Whether LoRA adapters, where the model has them, are part of this policy: always here
+        (`AdapterReference`, the reference view, has them off)."""
+        return True
+
     @torch.no_grad()
     def generate(
         self,

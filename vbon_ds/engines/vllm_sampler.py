@@ -166,7 +166,7 @@ class VllmSampler:
         self, source: PolicyEngine | AdapterReference, gen: GenerationConfig, *, max_prompt_tokens: int
     ) -> None:
         self.source = source
-        self.engine = source.actor if isinstance(source, AdapterReference) else source
+        self.engine = source.weights_engine
         self.eos_ids, self.pad_id = self.engine.eos_ids, self.engine.pad_id
         self.max_new_tokens = gen.max_new_tokens
         self.dtype = self.engine.dtype if gen.vllm_dtype == "auto" else getattr(torch, gen.vllm_dtype)

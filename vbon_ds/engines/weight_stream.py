@@ -44,8 +44,7 @@ def checkpoint_weights(
     """(checkpoint name, tensor) of every weight of `source`, block by block (see the module docstring)."""
     import deepspeed
 
-    engine = source.actor if isinstance(source, AdapterReference) else source
-    adapters_on = not isinstance(source, AdapterReference)
+    engine = source.weights_engine
     model = engine.module
     has_lora = bool(lora_layers(model))
     for params in _blocks(model).values():
@@ -59,5 +58,5 @@ def checkpoint_weights(
         with gather, torch.no_grad():
             state = {name: param.detach().clone() for name, param in params}
         if has_lora:
-            state = merge_lora(model, state, adapters_on=adapters_on)
+            state = merge_lora(model, state, adapters_on=source.adapters_on)
         yield from state.items()

@@ -45,7 +45,6 @@ from vbon_ds.engines import distributed
 from vbon_ds.engines.build import Engines, build_engines
 from vbon_ds.engines.builders import build_reward
 from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint
-from vbon_ds.engines.lora import AdapterReference
 from vbon_ds.engines.reward import RewardScorer
 from vbon_ds.engines.run_settings import check_resume_compatible, recorded_settings, weights_settings
 from vbon_ds.engines.weights import load_trained_weights
@@ -123,8 +122,7 @@ def eval_scorer(cfg: ExperimentConfig, engines: Engines) -> RewardScorer | None:
 def reference_eos_ids(engines: Engines) -> list[int]:
     """The EOS ids the reference stopped at when it sampled the cache (its tokenizer's and its generation
     config's), the set generation stops on."""
-    reference = engines.reference
-    return (reference.actor if isinstance(reference, AdapterReference) else reference).eos_ids
+    return engines.reference.weights_engine.eos_ids
 
 
 def rescored_cache(ctx: Context, prompt_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,17 +144,35 @@ def test_vllm_follows_the_actor_under_zero3_with_all_weights_lora_top_k_and_tens
     assert results["full"]["blocks_pushed_after"] == results["full"]["weights_pushed_first"] // 2
 
 
+@pytest.fixture(scope="module")
+def zero3_forced(tmp_path_factory) -> dict:
+    """The zero3_forced check's results, a world of one (one launch for the tests that read them)."""
+    workdir = tmp_path_factory.mktemp("zero3_forced")
+    make_tiny_causal_lm(workdir / "actor", "gpt_neox", width=64, heads=2)
+    run_check(workdir, "zero3_forced")
+    return json.loads((workdir / "results.json").read_text())["zero3_forced"]
+
+
 @needs_vllm
 @pytest.mark.slow
-def test_vllm_builds_a_transformers_backend_model_beside_zero3_engines(tmp_path):
+def test_vllm_builds_a_transformers_backend_model_beside_zero3_engines(zero3_forced):
     # vLLM serves GPT-NeoX (Pythia) through transformers' from_config, which the engines' live ZeRO-3 config
     # would turn into a deepspeed.zero.Init partitioning of vLLM's meta tensors.
-    make_tiny_causal_lm(tmp_path / "actor", "gpt_neox", width=64, heads=2)
-    run_check(tmp_path, "zero3_forced")
-    result = json.loads((tmp_path / "results.json").read_text())["zero3_forced"]
     for gap in ("actor_before", "reference_before", "actor_after", "reference_after"):
-        assert result[gap] < 1e-4, (gap, result[gap])
-    assert result["actor_change"] > 0.1 and result["sync_seconds"] > 0
+        assert zero3_forced[gap] < 1e-4, (gap, zero3_forced[gap])
+    assert zero3_forced["actor_change"] > 0.1 and zero3_forced["sync_seconds"] > 0
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_refuses_answers_and_prompts_longer_than_its_engine_was_started_for(zero3_forced):
+    # The engine's max_model_len is data.max_prompt_tokens (32) + generation.max_new_tokens (8) at its start:
+    # a 9-token answer, or a 33-token prompt (which vLLM would take, cutting its answer short), is refused.
+    started = "the vLLM engine was started for"
+    assert zero3_forced["refused"] == [
+        f"generation.max_new_tokens: {started} answers of at most 8 tokens, asked for 9",
+        f"data.max_prompt_tokens: {started} prompts of at most 32 tokens, given one of 33",
+    ]
 
 
 @needs_vllm

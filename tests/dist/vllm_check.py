@@ -7,8 +7,10 @@ tp (the ranks share one engine: generation.vllm_tensor_parallel_size = 2), zero3
 For each: the actor's and the reference's vLLM engines sample; their recorded log-probs must equal the
 engines' own forward (fp32); then a few optimizer steps change the actor, and the next samples' log-probs
 must equal the changed actor's forward (the weights were pushed), while the reference's stay the
-reference's. Under ZeRO-3 at 2 ranks the pushes gather one block at a time. Rank 0 writes
-WORKDIR/results.json: per variant the largest log-prob differences, the weight change, the blocks pushed.
+reference's. Under ZeRO-3 at 2 ranks the pushes gather one block at a time. Then the actor's sampler is
+asked for one answer token more, and for a prompt one token longer, than its engine was started for (both
+refused). Rank 0 writes WORKDIR/results.json: per variant the largest log-prob differences, the weight
+change, the blocks pushed, the refusals' messages.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +26,7 @@ from vbon_ds.algorithms.rollout import encode_prompts
 from vbon_ds.config import load_config
 from vbon_ds.engines import distributed, vllm_sampler, weight_stream
 from vbon_ds.engines.build import build_engines
+from vbon_ds.errors import VbonError
 from vbon_ds.models.tiny_models import SENTENCES
 
 TEMPERATURE, NEW_TOKENS, STEPS = 0.9, 8, 3
@@ -57,7 +61,24 @@ def train_a_little(actor, ids: torch.Tensor, mask: torch.Tensor) -> None:
         actor.step()
 
 
-def check(workdir: Path, variant: str, rank_prompts: list[str]) -> dict[str, float]:
+def refusals(sampler, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The sampler's errors for one answer token more and a prompt one token longer (33) than it was
+    started for ("" where it sampled instead)."""
+    long_prompt = torch.full((1, 33), int(ids[0, -1]), device=ids.device)
+    messages = []
+    for prompt, prompt_mask, new_tokens in (
+        (ids, mask, NEW_TOKENS + 1),
+        (long_prompt, torch.ones_like(long_prompt), NEW_TOKENS),
+    ):
+        try:
+            sampler.generate(prompt, prompt_mask, temperature=TEMPERATURE, max_new_tokens=new_tokens)
+            messages.append("")
+        except VbonError as err:
+            messages.append(str(err))
+    return messages
+
+
+def check(workdir: Path, variant: str, rank_prompts: list[str]) -> dict[str, Any]:
     cfg = load_config(
         None,
         [
@@ -97,9 +118,14 @@ def check(workdir: Path, variant: str, rank_prompts: list[str]) -> dict[str, flo
     result["weights_pushed_first"] = first_push
     # The actor moved: its forward of the earlier answers changed.
     old = before.sampled_logprobs
-    new = engines.actor.response_logprobs(before.sequences, before.attention_mask, before.prompt_length, TEMPERATURE)
-    result["actor_change"] = max(distributed.all_gather_object(((new - old) * before.response_mask).abs().max().item()))
+    new = engines.actor.response_logprobs(
+        before.sequences, before.attention_mask, before.prompt_length, TEMPERATURE
+    )
+    result["actor_change"] = max(
+        distributed.all_gather_object(((new - old) * before.response_mask).abs().max().item())
+    )
     result["sync_seconds"] = engines.weight_sync_seconds()
+    result["refused"] = refusals(engines.sampler("actor"), ids, mask)
     vllm_sampler.checkpoint_weights = stream
     return result
 
@@ -110,7 +136,11 @@ def first_token_counts(workdir: Path, samples: int) -> dict[str, list[float]]:
     vLLM's log-probs of whole answers and the engine's forward."""
     cfg = load_config(
         None,
-        [f"model.actor={workdir / 'actor'}", "generation.engine=vllm", f"generation.max_new_tokens={NEW_TOKENS}"],
+        [
+            f"model.actor={workdir / 'actor'}",
+            "generation.engine=vllm",
+            f"generation.max_new_tokens={NEW_TOKENS}",
+        ],
     )
     engines = build_engines(cfg, reference=True)
     ids, mask = encode_prompts(engines.tokenizer, [SENTENCES[0]] * samples, 32)

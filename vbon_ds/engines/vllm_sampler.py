@@ -168,7 +168,7 @@ class VllmSampler:
         self.source = source
         self.engine = source.weights_engine
         self.eos_ids, self.pad_id = self.engine.eos_ids, self.engine.pad_id
-        self.max_new_tokens = gen.max_new_tokens
+        self.max_new_tokens, self.max_prompt_tokens = gen.max_new_tokens, max_prompt_tokens
         self.dtype = self.engine.dtype if gen.vllm_dtype == "auto" else getattr(torch, gen.vllm_dtype)
         self.sleeps = gen.vllm_sleep and torch.cuda.is_available()
         self.synced_version: int | None = None
@@ -242,6 +242,21 @@ class VllmSampler:
         self.synced_version = version
         self.sync_seconds += time.perf_counter() - start
 
+    def _check_lengths(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """The engine's max_model_len is data.max_prompt_tokens + generation.max_new_tokens as they were when
+        it started. Past either, vLLM refuses a prompt longer than the whole in its own terms, and stops an
+        answer at max_model_len without a word (cut short, as if it reached max_new_tokens)."""
+        if max_new_tokens > self.max_new_tokens:
+            raise VbonError(
+                f"generation.max_new_tokens: the vLLM engine was started for answers of at most "
+                f"{self.max_new_tokens} tokens, asked for {max_new_tokens}"
+            )
+        if prompt_tokens > self.max_prompt_tokens:
+            raise VbonError(
+                f"data.max_prompt_tokens: the vLLM engine was started for prompts of at most "
+                f"{self.max_prompt_tokens} tokens, given one of {prompt_tokens}"
+            )
+
     @torch.no_grad()
     def generate(
         self,
@@ -259,21 +274,17 @@ class VllmSampler:
         """One answer per prompt row, as `PolicyEngine.generate` returns it, always with the sampler's
         log-probs (they cost nothing here). Call on every rank (weight pushes are collectives)."""
         del gather_params, record_logprobs  # vLLM holds whole weights and always reports log-probs
-        if max_new_tokens > self.max_new_tokens:
-            raise VbonError(
-                f"generation.max_new_tokens: the vLLM engine was started for {self.max_new_tokens}, "
-                f"asked for {max_new_tokens}"
-            )
+        prompts = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(prompt_ids.cpu(), prompt_attention_mask.cpu(), strict=True)
+        ]
+        self._check_lengths(max(map(len, prompts), default=0), max_new_tokens)
         if self.sleeps:
             self.llm.wake_up(tags=["weights"])
         self._sync()
         if self.sleeps:
             self.llm.wake_up(tags=["kv_cache"])
         vllm = self._vllm
-        prompts = [
-            ids[mask.bool()].tolist()
-            for ids, mask in zip(prompt_ids.cpu(), prompt_attention_mask.cpu(), strict=True)
-        ]
         # Drawn from torch's generator: checkpointed with the run, so a resumed run samples the same answers.
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
         mine = slice(0, len(prompts))

@@ -1,7 +1,7 @@
 """generation.engine=vllm: the sampler's distribution and log-probs against the HF forward, weight pushes
 under ZeRO-3 at 2 ranks (all weights, LoRA, top-K), the cache's fingerprint across engines, the pipeline
-end to end with a SIGKILL and resume, and the one-line errors. The engines run in subprocesses (vLLM
-starts inside the job's process group; the pytest process keeps none)."""
+end to end with a SIGKILL and resume, the one-line errors, and the tensor-parallel groups made once. The
+engines run in subprocesses (vLLM starts inside the job's process group; the pytest process keeps none)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from test_pipeline import (
 
 from vbon_ds.config import load_config
 from vbon_ds.data.refcache_fingerprint import fingerprint_from_config
+from vbon_ds.engines import distributed
 from vbon_ds.engines.distributed import free_port
 from vbon_ds.errors import VbonError
 from vbon_ds.models.sampler_choice import resolved_engine, vllm_installed
@@ -132,6 +134,7 @@ def test_vllm_follows_the_actor_under_zero3_with_all_weights_lora_top_k_and_tens
     run_check(tmp_path, "tp", ranks=2)  # a process's vLLM engines share one tensor-parallel size
     results |= json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
+    assert results["tp"]["one_tp_group"]  # the reference's sampler reused the actor's group of size 2
     for variant in ("full", "lora", "top", "tp"):
         result = results[variant]
         # vLLM's log-probs of its own samples are the engines' fp32 forward, before and after the steps.
@@ -231,3 +234,27 @@ def test_engines_are_reused_once_their_sampler_is_gone_and_share_one_parallel_si
         VbonError, match=r"vllm_tensor_parallel_size: 2, but this process already runs vLLM engines of size 1"
     ):
         vllm_sampler._pooled_engine(Owner(), {**settings, "tensor_parallel_size": 2}, start)
+
+
+def test_tensor_parallel_groups_are_made_once_per_size_and_default_group(monkeypatch):
+    # Rank 3 of 4 on one node; new_group records the ranks of each group it is asked to make.
+    made = []
+    fake = SimpleNamespace(
+        group=SimpleNamespace(WORLD=object()),
+        new_group=lambda ranks: made.append(ranks) or tuple(ranks),
+        is_initialized=lambda: True,
+        get_world_size=lambda: 4,
+        get_rank=lambda: 3,
+    )
+    monkeypatch.setattr(distributed, "dist", fake)
+    monkeypatch.setattr(distributed, "_TP_GROUPS", {})
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert distributed.tensor_parallel_group(1) is None and made == []
+    group = distributed.tensor_parallel_group(2)
+    assert group == (2, 3) and made == [[0, 1], [2, 3]]  # every group, made by every rank
+    assert distributed.tensor_parallel_group(2) is group and len(made) == 2  # e.g. the next VllmSampler
+    assert distributed.tensor_parallel_group(4) == (0, 1, 2, 3) and len(made) == 3
+    assert distributed.tensor_parallel_group(2) is group and len(made) == 3
+    fake.group.WORLD = object()  # the default group destroyed and made again: its groups went with it
+    again = distributed.tensor_parallel_group(2)
+    assert again == group and again is not group and made[3:] == [[0, 1], [2, 3]]

@@ -10,7 +10,8 @@ must equal the changed actor's forward (the weights were pushed), while the refe
 reference's. Under ZeRO-3 at 2 ranks the pushes gather one block at a time. Then the actor's sampler is
 asked for one answer token more, and for a prompt one token longer, than its engine was started for (both
 refused). Rank 0 writes WORKDIR/results.json: per variant the largest log-prob differences, the weight
-change, the blocks pushed, the refusals' messages.
+change, the blocks pushed, the refusals' messages; with tp also whether both samplers have the one
+tensor-parallel group of size 2 (`distributed.tensor_parallel_group` makes one per size).
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ def check(workdir: Path, variant: str, rank_prompts: list[str]) -> dict[str, Any
     )
     result["sync_seconds"] = engines.weight_sync_seconds()
     result["refused"] = refusals(engines.sampler("actor"), ids, mask)
+    if variant == "tp":  # made once per size: both samplers (and any later asker) share one group
+        group = distributed.tensor_parallel_group(2)
+        result["one_tp_group"] = all(
+            engines.sampler(role)._tp_group is group for role in ("actor", "reference")
+        )
     vllm_sampler.checkpoint_weights = stream
     return result
 

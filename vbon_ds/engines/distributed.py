@@ -155,9 +155,15 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+_TP_GROUPS: dict[int, tuple[Any, Any]] = {}
+"""size -> (the default process group then, this rank's group of that size): `tensor_parallel_group`'s."""
+
+
 def tensor_parallel_group(size: int) -> Any:
     """The process group of this rank's `size` consecutive ranks (one node's ranks sharing one vLLM engine);
-    None for size 1. Every rank must call it (each group is made by all ranks)."""
+    None for size 1. Every rank must call it, asking for the same sizes in the same order: the first call
+    for a size makes the groups (each group is made by all ranks), later ones return the same group, until
+    the default process group is replaced (destroyed and made again: its groups went with it)."""
     if size == 1:
         return None
     world, local = world_size(), local_world_size()
@@ -166,8 +172,12 @@ def tensor_parallel_group(size: int) -> Any:
             f"generation.vllm_tensor_parallel_size: {size} must divide the ranks of a node ({local}) and of "
             f"the job ({world})"
         )
-    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
-    return groups[rank() // size]
+    default = dist.group.WORLD
+    made = _TP_GROUPS.get(size)
+    if made is None or made[0] is not default:  # held here, a replaced default group is never `default`
+        groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+        made = _TP_GROUPS[size] = (default, groups[rank() // size])
+    return made[1]
 
 
 def tensor_parallel_requests(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 import yaml
 
 from vbon_ds.commands.sweep import SweepDriver
@@ -372,17 +373,71 @@ def gpu_science():
 
 def test_the_science_estimate_is_the_sweeps_totals_times_the_measured_pieces():
     science = gpu_science()
-    pieces = science.Pieces(startup=10.0, per_sampled=0.002, per_trained=0.001, per_cached=0.0005)
+    pieces = science.Pieces(startup=10.0, per_sampled=0.002, per_trained=0.001, per_cached=None)
     on_policy = load_config(None, ["algo.name=rloo", "algo.samples_per_prompt=8", "algo.ppo_epochs=2",
                                    "train.prompts_per_step=4", "train.steps=3"])  # fmt: skip
     offline = load_config(None, ["algo.name=dpo", "algo.subsets_per_prompt=5", "algo.offline_epochs=1",
                                  "train.prompts_per_step=4", "train.steps=2"])  # fmt: skip
-    assert science.run_work(on_policy) == science.Work(3, 32, 64)
-    assert science.run_work(offline) == science.Work(2, 0, 40)  # two answers per N-subset, nothing sampled
-    # on-policy: 10 + 3 x (32 x 0.002 + 64 x 0.001) = 10.384; offline: 10 + 2 x 40 x 0.001 = 10.08;
-    # evaluation of 3 policies x 24 answers: 10 + 72 x 0.003 = 10.216
-    total = science.estimate_seconds([science.run_work(on_policy), science.run_work(offline)], 3, 24, pieces)
-    assert total == pytest.approx(10.384 + 10.08 + 10.216, abs=1e-12)
+    assert science.step_work(on_policy) == science.StepWork(32, 64)
+    assert science.step_work(on_policy, 8) == science.StepWork(64, 128)  # the fit's prompts per step
+    assert science.step_work(offline) == science.StepWork(0, 40)  # two answers per N-subset, nothing sampled
+    # on-policy, 3 steps: 10 + 3 x (32 x 0.002 + 64 x 0.001) = 10.384; offline: 10 + 3 x 40 x 0.001 = 10.12
+    runs = [science.step_work(on_policy), science.step_work(offline)]
+    assert science.run_seconds(runs[0], 3, pieces) == pytest.approx(10.384, abs=1e-12)
+    # evaluation of 3 policies x 24 answers: 10 + 72 x 0.003 = 10.216; one at a time, or both runs at once
+    serial = science.remaining_seconds(runs, 3, 1, 3, 24, pieces)
+    assert serial == pytest.approx(10.384 + 10.12 + 10.216, abs=1e-12)
+    assert science.remaining_seconds(runs, 3, 2, 3, 24, pieces) == pytest.approx(10.384 + 10.216, abs=1e-12)
+
+
+def test_runs_are_scheduled_as_the_sweep_runs_them_and_the_fit_takes_the_most_steps_that_fit():
+    science = gpu_science()
+    # each run starts in the first free slot, in order: slots [5, 3] -> 3 + 4; [5, 7] -> 5 + 1 -> [6, 7]
+    assert science.makespan([5.0, 3.0, 4.0, 1.0], 2) == 7.0
+    assert science.makespan([5.0, 3.0, 4.0, 1.0], 1) == 13.0
+    assert science.makespan([5.0, 3.0], 8) == 5.0 and science.makespan([], 4) == 0.0
+    cost = lambda steps: 100.0 + 10.0 * steps  # noqa: E731
+    assert science.fit_steps(600.0, 50.0, (8, 100), cost) == 45  # 50 + 100 + 450 = 600
+    assert science.fit_steps(600.0, 50.0, (8, 40), cost) == 40  # the most the range allows
+    assert science.fit_steps(600.0, 450.0, (8, 100), cost) is None  # 450 + 180 > 600
+    assert science.fit_steps(None, 1e9, (8, 100), cost) == 100
+    # prompts per step: raised to reach B_noise answers, never beyond the training prompts
+    assert science.prompts_for_noise(600.0, 8, 128, 288) == 128
+    assert science.prompts_for_noise(1500.0, 8, 128, 288) == 188
+    assert science.prompts_for_noise(5000.0, 8, 128, 288) == 288
+    assert science.prompts_for_noise(None, 8, 16, 288) == 16
+
+
+def test_the_noise_scale_is_signal_and_noise_of_the_per_answer_gradients_in_float64():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gradient_noise
+
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(12, 5, generator=gen, dtype=torch.float64) + torch.linspace(-1, 1, 5)
+    sums = gradient_noise.GradientSums({"w": [torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))]})
+    for g in grads:
+        sums.groups["w"][0].grad = g.clone()
+        sums.add()
+    scale = sums.scales()["w"]
+    n, mean = 12, grads.mean(0)
+    trace = float(torch.cov(grads.T).trace())  # unbiased covariance of one gradient
+    assert scale.answers == n and scale.noise == pytest.approx(trace, rel=1e-12)
+    assert scale.signal == pytest.approx(float(mean @ mean) - trace / n, rel=1e-12)
+    assert scale.scale == pytest.approx(scale.noise / scale.signal, rel=1e-12)
+    # unbiased: over many batches of 4 draws of N(mu, I_5), the mean signal estimate is |mu|^2 = 0.5, the
+    # mean noise estimate tr I = 5 (both within 4 standard errors of the mean of 20000 estimates)
+    mu = torch.full((5,), math.sqrt(0.1), dtype=torch.float64)
+    draws = torch.randn(20000, 4, 5, generator=gen, dtype=torch.float64) + mu
+    total, squares = draws.sum(1).pow(2).sum(-1), draws.pow(2).sum((1, 2))
+    estimates = [
+        gradient_noise.noise_scale(float(a), float(b), 4) for a, b in zip(total, squares, strict=True)
+    ]
+    for field, truth in (("signal", 0.5), ("noise", 5.0)):
+        values = torch.tensor([getattr(e, field) for e in estimates])
+        assert abs(float(values.mean()) - truth) < 4 * float(values.std()) / math.sqrt(len(values))
+    assert gradient_noise.NoiseScale(8, -0.1, 3.0).scale is None  # no signal seen: no scale
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_noise.noise_scale(1.0, 1.0, 1)
 
 
 def test_the_science_sweep_at_a_size_keeps_its_runs_and_adds_the_sizes_overrides(tmp_path):
@@ -395,7 +450,10 @@ def test_the_science_sweep_at_a_size_keeps_its_runs_and_adds_the_sizes_overrides
     assert sweep.preset == "tiny" and sweep.output_dir == tmp_path / "out"
     source = next(o for o in sweep.base_overrides if o.startswith("data.source="))
     assert Path(source.split("=", 1)[1]).is_file()  # absolute: the sweep may run from anywhere
-    assert sweep.base_overrides[-len(science.SIZES["tiny"][1]) :] == science.SIZES["tiny"][1]
+    tiny = science.SIZES["tiny"]
+    assert sweep.base_overrides[-len(tiny.overrides) :] == tiny.overrides and sweep.parallel == tiny.parallel
+    fitted = load_sweep(science.sized_sweep("tiny", tmp_path / "out", tmp_path / "f.yaml", ["train.steps=7"]))
+    assert fitted.base_overrides == [*sweep.base_overrides, "train.steps=7"]
     # what the issue asks of the full size: M >= 64, hundreds of training prompts, >= 64 held out, 2 seeds
     base = load_config(
         None, [o for o in original.base_overrides if not o.startswith("data.source=")] + [source]
@@ -417,11 +475,17 @@ def test_the_science_sweep_at_tiny_size_writes_its_table_front_counts_and_block(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gpu-science: estimate: " in proc.stdout and "ms per sampled answer" in proc.stdout
+    fit = json.loads((root / "fit.json").read_text())["fit"]
+    # the tiny size: 2 prompts x 2 answers measure the noise, 1 step per run, 2 probe runs side by side
+    assert fit["noise_answers"] == 4 and fit["steps"] == 1 and fit["fits"] and fit["prompts_per_step"] >= 2
+    for i in range(2):
+        assert read_scalars(root / "probe" / "runs" / f"vbon_n2_{i}" / "tensorboard")["time/step"]
     status = json.loads((root / "status.json").read_text())
-    # the calibration trained the cache and the first run; the sweep skipped them as finished
-    assert status["refcache"]["status"] == "skipped" and status["vbon_n2"]["status"] == "skipped"
+    assert status["refcache"]["status"] == "skipped"  # the calibration made it
     original = load_sweep(REPO / "launch" / "sweep_science.yaml").runs
-    assert all(status[r.name]["status"] in ("done", "skipped") for r in original)
+    assert all(status[r.name]["status"] == "done" for r in original)
+    for r in original:
+        assert read_scalars(root / "runs" / r.name / "tensorboard")["time/step"][-1][0] == fit["steps"]
     rows = json.loads((root / "frontier.json").read_text())
     assert [r["method"] for r in rows if r["run"]] == [r.name for r in original]
     counts = json.loads((root / "front_counts.json").read_text())
@@ -452,4 +516,11 @@ def test_the_science_sweep_at_tiny_size_writes_its_table_front_counts_and_block(
         assert entry["on_table_front"] == sum(r["on_front"] for r in mine)
     block = (root / "RESULTS_block.md").read_text()
     assert "How often each method is on the Pareto front" in block and "| vBoN (exact) |" in block
+    assert "Gradient noise scale of the trained weights at pi_ref, from 4 cached answers" in block
     assert matplotlib.image.imread(root / "frontier.png").ndim == 3
+    again = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_science.py"), "--size", "tiny",
+         "--output-dir", str(root), "--estimate-only"],
+        capture_output=True, text=True, timeout=600, env=launch_env(),
+    )  # fmt: skip
+    assert again.returncode == 0 and "reusing the fit" in again.stdout, again.stderr[-2000:]

@@ -6,9 +6,10 @@
 
 Each stage is a subprocess (`python -m vbon_ds ...`, or behind `launcher`, e.g. `torchrun --nproc_per_node 2`)
 logging to <output_dir>/logs/<stage>.log, so a failing run is reported and the others go on; it dies with
-the sweep, however the sweep ends (see `run_to_the_end`). Rerunning the sweep resumes it: the cache is only
-completed, a run whose training finished (its latest verified checkpoint is at train.steps and final/
-exists) is not started again, an interrupted one resumes from its checkpoint.
+the sweep, however the sweep ends (see `StageProcesses`). The training runs go `parallel` at once (the
+sweep file's); the cache before them and the evaluation after them run alone. Rerunning the sweep resumes
+it: the cache is only completed, a run whose training finished (its latest verified checkpoint is at
+train.steps and final/ exists) is not started again, an interrupted one resumes from its checkpoint.
 Layout of <output_dir>: base.yaml (the base experiment, resolved), configs/<name>.yaml (each run's config),
 refcache/ (the shared cache; its lock and its job's files), runs/<name>/ (checkpoints, tensorboard/, final/),
 logs/, status.json (each stage's outcome and wall time), frontier.{json,md,png}, front_counts.{json,md}.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import shlex
 import signal
@@ -37,11 +39,21 @@ from vbon_ds.core.frontier import DOMINANCE_RULE
 from vbon_ds.data.refcache import open_refcache, prompt_texts
 from vbon_ds.data.refcache_fingerprint import FINGERPRINT_FILE, fingerprint_from_config
 from vbon_ds.engines.checkpoint_layout import read_trainer_state, resume_checkpoint
+from vbon_ds.engines.distributed import threads_per_rank, usable_cores
 from vbon_ds.errors import VbonError, writing
 from vbon_ds.jobs.report import EvalRow, format_front_counts, method_front_counts
+from vbon_ds.models.sampler_choice import resolved_engine
 from vbon_ds.runlock import run_lock
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+POLL_SECONDS = 0.1
+"""How often the sweep looks whether a running stage has ended."""
+VLLM_MEMORY_LIMIT = 0.9
+"""The share of the GPU the vLLM engines of the runs going at once may claim together."""
+DISTRIBUTED_VARIABLES = frozenset(
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+)
+"""What makes a process join a torch.distributed world of several."""
 
 
 @dataclass
@@ -54,6 +66,12 @@ class Stage:
     seconds: float = 0.0
     log: str = ""
     detail: str = ""
+    started: float = 0.0
+    """When it started, in unix seconds (0: not in this sweep), so status.json shows which stages overlap."""
+
+
+StageJob = tuple[str, list[str], str]
+"""A stage to run: its name, its `vbon` arguments, what to print about it."""
 
 
 class SweepDriver:
@@ -105,6 +123,7 @@ class SweepDriver:
                     "every run of a sweep shares one cache: set these in base.set"
                 )
             configs[run.name] = cfg
+        check_vllm_memory(configs, self.sweep.parallel)
         for name, cfg in configs.items():
             _write_config(self.config_path(name), cfg)
         return configs
@@ -129,33 +148,60 @@ class SweepDriver:
 
     def stage(self, name: str, args: list[str], what: str) -> bool:
         """Run one stage, its output in logs/<name>.log; record how it went; True when it succeeded."""
+        return self.run_stages([(name, args, what)], parallel=1)[name]
+
+    def run_stages(self, jobs: list[StageJob], parallel: int) -> dict[str, bool]:
+        """Run `jobs` (name, vbon arguments, what to print) up to `parallel` at once, in their order, the next
+        starting as soon as one ends; each logs to logs/<name>.log. Returns whether each succeeded; a failed
+        stage does not stop the others. Ctrl-C or SIGTERM is passed on to every running stage and starts no
+        other; once all stopped, it is raised (see `StageProcesses`)."""
+        waiting, succeeded = list(jobs), {}
+        what = {name: text for name, _, text in jobs}
+        env = stage_environment(parallel)
+        with StageProcesses(self.death_signal()) as processes:
+            try:
+                while processes.running or (waiting and not processes.stopping):
+                    while waiting and len(processes.running) < parallel and not processes.stopping:
+                        name, args, _ = waiting.pop(0)
+                        self.start_stage(processes, name, args, what[name], env)
+                    for ended in processes.wait():
+                        succeeded[ended.name] = self.end_stage(ended, what[ended.name])
+            finally:  # left by an exception (a second Ctrl-C): the stages still running are being killed
+                for name in processes.running:
+                    self.end_stage(EndedStage(name, None, processes.seconds(name)), what[name])
+        processes.raise_if_stopped()
+        return succeeded
+
+    def start_stage(
+        self, processes: StageProcesses, name: str, args: list[str], what: str, env: dict[str, str] | None
+    ) -> None:
         stage = self.stages.setdefault(name, Stage(name))
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        stage.log = str(log)
+        stage.log, stage.detail = str(log), ""
         print(f"sweep: {what} ...", flush=True)
-        start = time.monotonic()
-        stage.status = "running"
+        stage.status, stage.started = "running", round(time.time(), 3)
         self.save_status()
-        with writing(log), log.open("w") as out:
-            out.write(f"$ {shlex.join(self.command(*args))}\n")
+        command = self.command(*args)
+        with writing(log), log.open("w") as out:  # the stage writes to its own copy of the file
+            out.write(f"$ {shlex.join(command)}\n")
             out.flush()
-            try:
-                code = run_to_the_end(self.command(*args), out, self.death_signal())
-            except (KeyboardInterrupt, VbonError):
-                stage.status, stage.seconds = "stopped", round(time.monotonic() - start, 1)
-                self.save_status()
-                raise
-        stage.seconds = round(time.monotonic() - start, 1)
-        ok = code == 0
-        stage.status = "done" if ok else "failed"
-        how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-        stage.detail = "" if ok else f"{how}: {_last_error(log)}"
-        print(
-            f"sweep: {what}: {stage.status} in {stage.seconds:.0f} s" + ("" if ok else f" ({stage.detail})")
-        )
+            processes.start(name, command, out, env)
+
+    def end_stage(self, ended: EndedStage, what: str) -> bool:
+        """Record and print how a stage ended; True when it succeeded."""
+        stage, code = self.stages[ended.name], ended.code
+        stage.seconds = round(ended.seconds, 1)
+        if code is None:
+            stage.status = "stopped"
+        else:
+            how = f"killed by signal {-code}" if code < 0 else f"exit {code}"
+            stage.status = "done" if code == 0 else "failed"
+            stage.detail = "" if code == 0 else f"{how}: {_last_error(Path(stage.log))}"
+        reason = f" ({stage.detail})" if stage.status == "failed" else ""
+        print(f"sweep: {what}: {stage.status} in {stage.seconds:.0f} s{reason}", flush=True)
         self.save_status()
-        return ok
+        return stage.status == "done"
 
     def finished(self, cfg: ExperimentConfig) -> int | None:
         """The step count of a run whose training is complete (None: it is not, or cannot be read)."""
@@ -194,17 +240,17 @@ class SweepDriver:
             raise VbonError(
                 f"sweep: the reference cache failed ({self.stages['refcache'].detail}); see its log"
             )
-        trained = []
+        jobs = []
         for i, (name, cfg) in enumerate(configs.items(), 1):
             what = f"[{i}/{len(configs)}] train {name}"
             steps = self.finished(cfg)
-            if steps is not None:
-                self.stages[name] = Stage(name, "skipped", detail=f"finished earlier at step {steps}")
-                print(f"sweep: {what}: skipped (finished earlier at step {steps})")
-                trained.append(name)
+            if steps is None:
+                jobs.append((name, ["train", "--config", str(self.config_path(name))], what))
                 continue
-            if self.stage(name, ["train", "--config", str(self.config_path(name))], what):
-                trained.append(name)
+            self.stages[name] = Stage(name, "skipped", detail=f"finished earlier at step {steps}")
+            print(f"sweep: {what}: skipped (finished earlier at step {steps})")
+        self.run_stages(jobs, self.sweep.parallel)
+        trained = [name for name in configs if self.stages[name].status in ("done", "skipped")]
         self.save_status()
         if not trained:
             raise VbonError("sweep: no run finished training; see the logs in " + str(self.root / "logs"))
@@ -231,49 +277,152 @@ class SweepDriver:
                 path.write_text(text)
 
 
-def run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIGKILL) -> int:
-    """Run a stage; on Ctrl-C or SIGTERM (passed on to it) wait until it stops by itself, so a training run
-    checkpoints at its next step boundary, then stop the sweep.
+@dataclass
+class EndedStage:
+    """A stage whose process ended."""
 
-    The stage dies with the sweep: it runs in its own process group (so the terminal's Ctrl-C reaches the
-    sweep only, which passes it on), the group is killed whenever this returns or raises, and if the sweep
-    itself is killed (SIGKILL, which no handler sees) the kernel sends the stage `death_signal`.
+    name: str
+    code: int | None
+    """Its exit status; None when the sweep's stop signal was passed on to it (it stopped)."""
+    seconds: float
+
+
+class StageProcesses:
+    """The stages running at once, each a subprocess in a session (process group) of its own.
+
+    Inside `with`, Ctrl-C and SIGTERM stop the sweep gently: the signal is passed on to every running stage
+    (a training run checkpoints at its next step boundary and exits), `stopping` turns true so that no
+    stage starts, and `raise_if_stopped` raises it once all ended; Ctrl-C again kills them at once. A stage's
+    process group is killed when the stage ends and on leaving `with`, however that happens; if the sweep
+    itself is killed (SIGKILL, which no handler sees) the kernel sends each stage `death_signal`. Linux sends
+    it when the *thread* that started the stage ends: every stage is started from the main thread.
     """
-    proc = subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,  # outside the terminal's foreground group a read would stop it (SIGTTIN)
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent(death_signal),
-    )
-    stopped: list[int] = []
 
-    def pass_on(signum: int, frame: object) -> None:
-        stopped.append(signum)
-        proc.send_signal(signum)
+    def __init__(self, death_signal: int = signal.SIGKILL) -> None:
+        self.death_signal = death_signal
+        self.running: dict[str, subprocess.Popen] = {}
+        self.stop_signal: int | None = None  # the first Ctrl-C (SIGINT) or SIGTERM
+        self._clocks: dict[str, float] = {}
+        self._told: set[str] = set()  # the stages the stop signal was passed on to
+        self._previous: dict[int, Any] = {}
 
-    previous = signal.signal(signal.SIGTERM, pass_on)
-    try:
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            print(
-                "sweep: interrupted; the running stage stops at its next checkpoint (Ctrl-C again: kill it)"
+    def __enter__(self) -> StageProcesses:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        for proc in self.running.values():
+            _kill_group(proc)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_signal is not None
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.stopping:
+            raise KeyboardInterrupt  # Ctrl-C again: leaving `with` kills every stage
+        if self.stopping:
+            return
+        self.stop_signal = signum
+        if signum == signal.SIGINT:  # os.write: the handler may interrupt a print
+            os.write(
+                1, b"sweep: interrupted; the stages stop at their next checkpoint (Ctrl-C again: kill)\n"
             )
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait()
-            except KeyboardInterrupt:
-                proc.kill()
-                proc.wait()
-            raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    def start(self, name: str, command: list[str], out: Any, env: dict[str, str] | None = None) -> None:
+        self.running[name] = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,  # outside the terminal's foreground group, a read stops it (SIGTTIN)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # the terminal's Ctrl-C reaches the sweep only, which passes it on
+            preexec_fn=_die_with_parent(self.death_signal),
+        )
+        self._clocks[name] = time.monotonic()
+
+    def seconds(self, name: str) -> float:
+        return time.monotonic() - self._clocks[name]
+
+    def wait(self) -> list[EndedStage]:
+        """Block until a running stage ends (passing a stop on to every running stage meanwhile); the stages
+        that ended, their process groups killed."""
+        while True:
+            # passed on here, not in the handler: a stage started as the signal came gets it too
+            for name, proc in self.running.items():
+                if self.stopping and name not in self._told:
+                    proc.send_signal(self.stop_signal)
+                    self._told.add(name)
+            ended = [name for name, proc in self.running.items() if proc.poll() is not None]
+            if ended:
+                return [self._ended(name) for name in ended]
+            time.sleep(POLL_SECONDS)
+
+    def _ended(self, name: str) -> EndedStage:
+        proc = self.running.pop(name)
         _kill_group(proc)
-    if stopped:
-        raise VbonError("sweep: stopped by SIGTERM; rerun `vbon sweep` to resume it")
-    return code
+        return EndedStage(name, None if name in self._told else proc.returncode, self.seconds(name))
+
+    def raise_if_stopped(self) -> None:
+        """Raise the stop the sweep was asked for, if any: KeyboardInterrupt for Ctrl-C, VbonError for
+        SIGTERM."""
+        if self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.stop_signal == signal.SIGTERM:
+            raise VbonError("sweep: stopped by SIGTERM; rerun `vbon sweep` to resume it")
+
+
+def run_to_the_end(command: list[str], out: Any, death_signal: int = signal.SIGKILL) -> int:
+    """Run one stage to its end (see `StageProcesses`) and return its exit status."""
+    with StageProcesses(death_signal) as processes:
+        processes.start("stage", command, out)
+        [ended] = processes.wait()
+    processes.raise_if_stopped()
+    return ended.code
+
+
+def stage_environment(parallel: int) -> dict[str, str] | None:
+    """The environment of stages going `parallel` at once; None (the sweep's own) for one at a time.
+
+    Each stage going beside others is a torch.distributed world of its own process, which picks a free
+    MASTER_PORT as it starts (engines/distributed.py): an inherited RANK or MASTER_PORT (`vbon slurm`, a
+    launcher) would put them all on one rendezvous port, and a port the sweep picked for each could be taken
+    during the stage's start-up, seconds longer than the stage's own pick stays exposed.
+    Unless OMP_NUM_THREADS is set, the stages share the cores out: threads contending for a core only wait
+    on each other (two 12-step tiny runs on 2 cores: 16 s at once with 2 threads each, 10 s one after the
+    other, 6 s at once with 1 thread each). On CPU the thread count changes the float sums, so a run's
+    weights match those of a serial sweep's with the same OMP_NUM_THREADS.
+    """
+    if parallel == 1:
+        return None
+    env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_VARIABLES}
+    threads = threads_per_rank(usable_cores(), parallel, env.get("OMP_NUM_THREADS"))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def check_vllm_memory(configs: dict[str, ExperimentConfig], parallel: int) -> None:
+    """Refuse `parallel` runs at once whose vLLM engines (each takes generation.vllm_gpu_memory_utilization
+    of the GPU) would together take more than VLLM_MEMORY_LIMIT of it."""
+    claims = {
+        name: cfg.generation.vllm_gpu_memory_utilization
+        for name, cfg in configs.items()
+        if resolved_engine(cfg.generation) == "vllm"
+    }
+    if parallel == 1 or not claims:
+        return
+    name = max(claims, key=claims.__getitem__)
+    fits = max(1, math.floor(round(VLLM_MEMORY_LIMIT / claims[name], 6)))  # round: 0.9 / 0.1 is 9.000...02
+    if parallel > fits:
+        raise ConfigError(
+            f"parallel: {parallel} runs at once, each taking generation.vllm_gpu_memory_utilization "
+            f"{claims[name]:g} of the GPU for vLLM (run {name}), would take {parallel * claims[name]:.2f} "
+            f"of it, over {VLLM_MEMORY_LIMIT}; set parallel to {fits} at most, or lower "
+            "generation.vllm_gpu_memory_utilization"
+        )
 
 
 def _die_with_parent(death_signal: int) -> Callable[[], None] | None:

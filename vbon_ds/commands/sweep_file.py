@@ -6,6 +6,7 @@
       config: ../launch/tldr_vbon.yaml  #   an experiment YAML (relative to the sweep file)
       set: [train.steps=20]           #   --set overrides for every run
     launcher: ""                      # optional command prefix of every stage
+    parallel: 1                       # training runs at once (one GPU, small model); not with a launcher
     evaluate:
       set: [generation.eval_samples=8]  # --set overrides of the evaluation only
     runs:                             # name (letters, digits, . _ -) + --set overrides, one per point
@@ -31,7 +32,7 @@ from vbon_ds.config import ConfigError
 from vbon_ds.config_parsing import load_yaml
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TOP_KEYS = ("output_dir", "base", "launcher", "evaluate", "runs")
+TOP_KEYS = ("output_dir", "base", "launcher", "parallel", "evaluate", "runs")
 # Paths every stage gets from the sweep: an override of them would be replaced, so it is refused.
 SWEEP_PATHS = {
     "train.output_dir": "each run trains in <output_dir>/runs/<name>",
@@ -59,6 +60,8 @@ class Sweep:
     base_config: Path | None = None
     base_overrides: list[str] = field(default_factory=list)
     launcher: list[str] = field(default_factory=list)
+    parallel: int = 1
+    """How many training runs go at once (the cache before them and the evaluation after run alone)."""
     eval_overrides: list[str] = field(default_factory=list)
 
 
@@ -106,6 +109,19 @@ def _launcher(text: str) -> list[str]:
     return [found, *words[1:]]
 
 
+def _parallel(value: Any, launcher: list[str]) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"parallel: {value!r} is not allowed (allowed: an integer >= 1)")
+    if value > 1 and launcher:
+        raise ConfigError(
+            f"parallel: {value} runs at once is refused with a launcher: launcher stages are multi-process, "
+            "each needing its own ports and GPUs; remove launcher or set parallel: 1"
+        )
+    return value
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep YAML; every message names the field (runs[i] for a run)."""
     from vbon_ds.commands.demo import PRESETS
@@ -146,12 +162,14 @@ def load_sweep(path: str | Path) -> Sweep:
         seen.add(name)
         method = _string(entry.get("method"), f"runs[{i}].method").strip() or name
         runs.append(SweepRun(name, _overrides(entry.get("set"), f"runs[{i}] ({name}).set"), method))
+    launcher = _launcher(_string(data.get("launcher"), "launcher"))
     return Sweep(
         output_dir=Path(output_dir).expanduser().resolve(),
         runs=runs,
         preset=preset,
         base_config=base_config,
         base_overrides=_overrides(base.get("set"), "base.set"),
-        launcher=_launcher(_string(data.get("launcher"), "launcher")),
+        launcher=launcher,
+        parallel=_parallel(data.get("parallel"), launcher),
         eval_overrides=_overrides(evaluate.get("set"), "evaluate.set"),
     )

@@ -46,7 +46,8 @@ def threads_per_rank(cores: int, local_ranks: int, omp_num_threads: str | None) 
     return max(1, cores // local_ranks)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -58,7 +59,7 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_ranks = local_world_size()
-    threads = threads_per_rank(_usable_cores(), local_ranks, os.environ.get("OMP_NUM_THREADS"))
+    threads = threads_per_rank(usable_cores(), local_ranks, os.environ.get("OMP_NUM_THREADS"))
     if threads is not None and threads < torch.get_num_threads():
         torch.set_num_threads(threads)
     # DeepSpeed's CPU accelerator counts "devices" by forking `numactl --hardware` on every call (ZeRO-3

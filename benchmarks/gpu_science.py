@@ -3,7 +3,7 @@ sized by its own measurements on the card, and its block for benchmarks/RESULTS.
 
     python benchmarks/gpu_science.py                    # one GPU: measure, fit, run, write the block
     python benchmarks/gpu_science.py --estimate-only    # measure and fit only
-    python benchmarks/gpu_science.py --size laptop      # 2 CPU cores, scaled down (40 minutes)
+    python benchmarks/gpu_science.py --size laptop      # 2 CPU cores, scaled down (25 minutes)
     python benchmarks/gpu_science.py --size tiny --output-dir DIR   # the tests' size: a random tiny model
 
 1. cache: the sweep's reference cache (the sweep skips it later: complete).
@@ -73,21 +73,21 @@ class Size:
 SIZES: dict[str, Size] = {
     # one GPU: the file as written, 4 runs at once (the file's `parallel`), 128 x 8 answers for B_noise
     "gpu": Size("smollm2", [], [], 600.0, 4, 128, 3, (8, 100)),
-    # 2 CPU cores: 96 train prompts x M = 32 cached answers, 8 prompts x 8 answers per step (far below the
-    # noise scale: a laptop cannot do a step above it in reasonable time), 32 held-out prompts x 4
+    # 2 CPU cores: 64 train prompts x M = 16 cached answers, 8 prompts x 8 answers per step (far below the
+    # noise scale: a laptop cannot do a step above it in reasonable time), 16 held-out prompts x 4
     "laptop": Size(
         "smollm2",
         [
-            "data.max_train_prompts=96",
-            "data.max_eval_prompts=32",
-            "vbon.num_ref_samples=32",
+            "data.max_train_prompts=64",
+            "data.max_eval_prompts=16",
+            "vbon.num_ref_samples=16",
             "generation.batch_size=128",
             "train.prompts_per_step=8",
             "train.micro_batch_size=8",
             "train.lr=1e-3",
         ],
         ["generation.eval_samples=4"],
-        2400.0,
+        1500.0,
         1,
         0,
         2,

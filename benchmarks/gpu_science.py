@@ -3,7 +3,7 @@ sized by its own measurements on the card, and its block for benchmarks/RESULTS.
 
     python benchmarks/gpu_science.py                    # one GPU: measure, fit, run, write the block
     python benchmarks/gpu_science.py --estimate-only    # measure and fit only
-    python benchmarks/gpu_science.py --size laptop      # 2 CPU cores, scaled down (25 minutes)
+    python benchmarks/gpu_science.py --size laptop      # 2 CPU cores, scaled down (40 minutes)
     python benchmarks/gpu_science.py --size tiny --output-dir DIR   # the tests' size: a random tiny model
 
 1. cache: the sweep's reference cache (the sweep skips it later: complete).
@@ -74,7 +74,7 @@ SIZES: dict[str, Size] = {
     # one GPU: the file as written, 4 runs at once (the file's `parallel`), 128 x 8 answers for B_noise
     "gpu": Size("smollm2", [], [], 600.0, 4, 128, 3, (8, 100)),
     # 2 CPU cores: 64 train prompts x M = 16 cached answers, 8 prompts x 8 answers per step (far below the
-    # noise scale: a laptop cannot do a step above it in reasonable time), 16 held-out prompts x 4
+    # noise scale: a laptop cannot do a step above it in reasonable time), 16 held-out prompts x 4; 40 minutes
     "laptop": Size(
         "smollm2",
         [
@@ -87,7 +87,7 @@ SIZES: dict[str, Size] = {
             "train.lr=1e-3",
         ],
         ["generation.eval_samples=4"],
-        1500.0,
+        2400.0,
         1,
         0,
         2,
@@ -155,6 +155,8 @@ class Fit:
     """Seconds, the whole command, by the estimate."""
     spent: float
     """Seconds spent when the fit was made (cache, noise, probe)."""
+    budget: float | None
+    """The budget the steps were fitted to."""
     fits: bool
 
 
@@ -422,6 +424,7 @@ def calibrate(driver, size: Size, budget: float | None, start: float, digest: st
         steps=chosen,
         estimate=spent + seconds_at(chosen),
         spent=spent,
+        budget=budget,
         fits=steps is not None,
     )
     return fit, noise_table
@@ -442,6 +445,20 @@ def read_fit(path: Path, digest: str) -> tuple[Fit, list[str]] | None:
     return Fit(**fields), saved["noise_table"]
 
 
+def reusable_fit(
+    earlier: tuple[Fit, list[str]] | None, budget: float | None, runs: Path
+) -> tuple[Fit, list[str]] | None:
+    """The earlier fit when it was made for this budget or its runs have started (a resumed sweep keeps the
+    steps its runs started with); None (fit again) when the budget changed before any run started."""
+    if earlier is None or earlier[0].budget == budget:
+        return earlier
+    if runs.is_dir():
+        print(f"gpu-science: keeping the fit to {earlier[0].budget} s: {runs} was started with it")
+        return earlier
+    print(f"gpu-science: the budget changed from {earlier[0].budget} s; fitting again")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     args = parse_args(argv)
@@ -458,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     path = sized_sweep(args.size, root, root.parent / f"{root.name}.yaml")
     digest, fit_file = file_digest(path), root / "fit.json"
     with run_lock(root, "gpu-science", setting="output_dir"):
-        earlier = read_fit(fit_file, digest)
+        earlier = reusable_fit(read_fit(fit_file, digest), budget, root / "runs")
         if earlier is None:
             if (root / "runs").is_dir():
                 raise VbonError(

@@ -408,6 +408,20 @@ def test_runs_are_scheduled_as_the_sweep_runs_them_and_the_fit_takes_the_most_st
     assert science.prompts_for_noise(None, 8, 16, 288) == 16
 
 
+def test_a_saved_fit_is_reused_for_its_budget_or_once_its_runs_started(tmp_path, capsys):
+    science = gpu_science()
+    pieces = science.Pieces(startup=1.0, per_sampled=0.1, per_trained=0.1, per_cached=None)
+    fit = science.Fit("d", pieces, None, 0, 8, 8, 2, 2093.0, 237.0, 1500.0, False)
+    saved = (fit, ["| noise |"])
+    assert science.reusable_fit(None, 1500.0, tmp_path / "runs") is None
+    assert science.reusable_fit(saved, 1500.0, tmp_path / "runs") is saved
+    assert science.reusable_fit(saved, 2400.0, tmp_path / "runs") is None  # nothing ran yet: fit again
+    assert "the budget changed from 1500.0 s; fitting again" in capsys.readouterr().out
+    (tmp_path / "runs").mkdir()
+    assert science.reusable_fit(saved, 2400.0, tmp_path / "runs") is saved  # the runs keep their steps
+    assert "keeping the fit to 1500.0 s" in capsys.readouterr().out
+
+
 def test_the_noise_scale_is_signal_and_noise_of_the_per_answer_gradients_in_float64():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gradient_noise
@@ -524,3 +538,13 @@ def test_the_science_sweep_at_tiny_size_writes_its_table_front_counts_and_block(
         capture_output=True, text=True, timeout=600, env=launch_env(),
     )  # fmt: skip
     assert again.returncode == 0 and "reusing the fit" in again.stdout, again.stderr[-2000:]
+    fit = json.loads((root / "fit.json").read_text())["fit"]
+    rebudgeted = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_science.py"), "--size", "tiny",
+         "--output-dir", str(root), "--estimate-only", "--budget", "5"],
+        capture_output=True, text=True, timeout=600, env=launch_env(),
+    )  # fmt: skip
+    # the runs were started with the first fit: a resumed sweep keeps their steps whatever the budget
+    assert rebudgeted.returncode == 0, rebudgeted.stderr[-2000:]
+    assert "keeping the fit to 3600.0 s" in rebudgeted.stdout
+    assert json.loads((root / "fit.json").read_text())["fit"] == fit

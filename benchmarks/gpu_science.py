@@ -348,7 +348,7 @@ def results_block(size: str, root: Path, estimate: str, noise: str, wall: float)
         f"## Science sweep, size {size} ({datetime.date.today()}, {device_name()})",
         "",
         f"`python benchmarks/gpu_science.py --size {size}` (launch/sweep_science.yaml, "
-        f"{SIZES[size].parallel} runs at once): {wall:.0f} s wall time in all; {estimate}.",
+        f"runs {SIZES[size].parallel} at a time): {wall:.0f} s wall time in all; {estimate}.",
         "",
         noise,
         "",

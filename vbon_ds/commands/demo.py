@@ -56,7 +56,7 @@ PRESETS: dict[str, list[str]] = {
         "reward.function=vader",
         "vbon.n=8",
         "vbon.num_ref_samples=32",
-        # The policy gradient is mostly noise (noise scale ~580 answers for LoRA's q, v weights, README)
+        # The policy gradient is mostly noise (noise scale ~1300 answers for LoRA's q, v weights, README)
         # and Adam moves every trained weight by about lr per step however noisy the step, so: LoRA
         # (0.46M weights), few steps of many answers (16 prompts x 8), an lr that keeps KL < BoN(8)'s
         "model.lora_rank=8",

@@ -75,11 +75,15 @@ def test_templates_fill_completely_on_cpu(name):
     assert ds["zero_optimization"]["reduce_bucket_size"] == CPU_REDUCE_BUCKET  # not the GPU default 64^2
 
 
-def test_gpu_uses_bf16_and_fused_adam():
+def test_gpu_uses_bf16_and_fused_adam_unless_lora():
     cfg = load_config()
     ds = fill_ds_config(load_ds_template("zero3"), cfg, batch_sizes(cfg, 1), on_gpu=True, bf16_supported=True)
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["optimizer"]["params"]["torch_adam"] is False
+    lora = fill_ds_config(
+        load_ds_template("zero3"), load_config(None, ["model.lora_rank=8"]), batch_sizes(cfg, 1), on_gpu=True
+    )
+    assert lora["optimizer"]["params"]["torch_adam"] is True  # no minute of JIT build for LoRA's few weights
     ds16 = fill_ds_config(
         load_ds_template("zero3"), cfg, batch_sizes(cfg, 1), on_gpu=True, bf16_supported=False
     )

@@ -122,8 +122,9 @@ def fill_ds_config(
         _fill(params, "lr", cfg.train.lr if lr is None else lr)
         _fill(params, "betas", list(cfg.train.adam_betas))
         _fill(params, "weight_decay", cfg.train.weight_decay)
-        # DeepSpeed's own CPU Adam is JIT-compiled (about a minute); torch's AdamW is as good at our sizes.
-        _fill(params, "torch_adam", not on_gpu)
+        # DeepSpeed's own Adams are JIT-compiled (about a minute on a fresh node): torch's AdamW is as good on
+        # CPU at our sizes, and for LoRA's few weights on a GPU too.
+        _fill(params, "torch_adam", not on_gpu or cfg.model.lora_rank > 0)
     else:
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)

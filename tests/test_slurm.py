@@ -375,7 +375,9 @@ def restart_now(cluster: Cluster, job_id: str, restarts: int) -> None:
 def test_refcache_array_then_training_preempted_and_requeued(cluster):
     tmp = cluster.root / "runs"
     tmp.mkdir()
-    steps = 8
+    # Steps take about 0.2 s: the stop must come between the first logged step and the last one, after the
+    # events file is read, scancel, and the signal's way through the launcher (8 steps lost that race in CI).
+    steps = 40
     straight = tiny_config_file(tmp, "straight", f"train.steps={steps}")
     model = tmp / "straight" / "model"
     preempted = tiny_config_file(tmp, "preempted", f"train.steps={steps}", f"model.actor={model}")

